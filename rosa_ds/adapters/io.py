@@ -1,0 +1,161 @@
+"""Adapter files: gather the full adapter from any ZeRO stage, write and read it, PEFT format.
+
+The native file is ``adapter.safetensors`` (``<module>.lora_A`` / ``<module>.lora_B`` in fp32) plus
+``adapter.json`` (method, rank, alpha, the adapted module names, the base model). Under ZeRO the
+tensors are read from DeepSpeed's fp32 master copies, gathered whole: an adapter saved under
+ZeRO-3 is complete, not the empty or partial shards some trainers write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rosa_ds.adapters.inject import adapted_modules
+from rosa_ds.errors import UserError
+
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_META = "adapter.json"
+PEFT_DIR = "peft"
+TRAINABLE = ("lora_A", "lora_B")
+
+
+def _full_fp32(param: nn.Parameter, has_optimizer: bool) -> torch.Tensor:
+    """The whole fp32 value of a trainable parameter (a collective under ZeRO).
+
+    With an optimizer, DeepSpeed's fp32 master copy is read; otherwise the (possibly ZeRO-3
+    partitioned) model copy is gathered.
+    """
+    if has_optimizer:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(param)
+        if value is not None:
+            return value.detach().float().cpu().clone()
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().float().cpu().clone()
+    return param.detach().float().cpu().clone()
+
+
+def gather_adapter_state(model: nn.Module, has_optimizer: bool) -> dict[str, torch.Tensor]:
+    """Every rank calls this (it may gather); every rank gets the full adapter tensors."""
+    state = {}
+    for name, module in adapted_modules(model).items():
+        for attr in TRAINABLE:
+            state[f"{name}.{attr}"] = _full_fp32(getattr(module, attr), has_optimizer)
+    return state
+
+
+def adapter_meta(model: nn.Module, base_model: str) -> dict[str, Any]:
+    modules = adapted_modules(model)
+    first = next(iter(modules.values()))
+    return {
+        "format": "rosa-ds-adapter",
+        "version": 1,
+        "method": "lora",
+        "base_model": base_model,
+        "rank": first.rank,
+        "alpha": first.alpha,
+        "dropout": float(getattr(first.dropout, "p", 0.0)),
+        "modules": sorted(modules),
+    }
+
+
+def _atomic_dir_write(folder: Path, write) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        write(tmp)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write the native adapter and, for LoRA, the PEFT format beside it (``folder/peft``)."""
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_FILE))
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+        if meta["method"] == "lora":
+            write_peft(tmp / PEFT_DIR, state, meta)
+
+    _atomic_dir_write(Path(folder), write)
+
+
+def write_peft(folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """PEFT's LoRA layout: ``adapter_config.json`` and ``adapter_model.safetensors``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, value in state.items():
+        module, attr = key.rsplit(".", 1)
+        tensors[f"base_model.model.{module}.{attr}.weight"] = value.contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": meta["base_model"],
+        "r": meta["rank"],
+        "lora_alpha": meta["alpha"],
+        "lora_dropout": meta["dropout"],
+        "target_modules": meta["modules"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    folder = Path(folder)
+    meta_path, file_path = folder / ADAPTER_META, folder / ADAPTER_FILE
+    if not meta_path.is_file() or not file_path.is_file():
+        raise UserError(f"{folder} is not a rosa-ds adapter (needs {ADAPTER_META} and "
+                        f"{ADAPTER_FILE}); point to a run's adapter/ folder")
+    try:
+        meta = json.loads(meta_path.read_text())
+        state = load_file(str(file_path))
+    except Exception as exc:  # a truncated or foreign file
+        raise UserError(f"adapter in {folder} cannot be read ({exc}); re-export it") from None
+    return state, meta
+
+
+def apply_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into a model's (not yet partitioned) adapter parameters."""
+    modules = adapted_modules(model)
+    expected = {f"{n}.{a}" for n in modules for a in TRAINABLE}
+    if set(state) != expected:
+        missing = sorted(expected - set(state))[:3]
+        extra = sorted(set(state) - expected)[:3]
+        raise UserError(f"adapter does not match the model (missing {missing}, unexpected "
+                        f"{extra}); use the adapter with the base model and targets it was "
+                        "trained on")
+    for key, value in state.items():
+        module, attr = key.rsplit(".", 1)
+        param = getattr(modules[module], attr)
+        if tuple(param.shape) != tuple(value.shape):
+            raise UserError(f"adapter tensor {key} has shape {tuple(value.shape)} but the model "
+                            f"expects {tuple(param.shape)}; check adapter.rank and the base model")
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))

@@ -1,0 +1,120 @@
+"""Checkpoints: DeepSpeed's own (trainable weights, optimizer, schedule) plus what is not a
+parameter (trainer state, per-rank RNG) and the full adapter, written atomically.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step-000010/        DeepSpeed files, trainer_state.json, rng-rank<R>.pt, adapter/
+    latest              the name of the newest complete checkpoint
+
+A checkpoint is written under ``step-N.tmp`` and renamed once every rank has finished, and
+``latest`` is replaced atomically after that, so an interrupted save leaves the previous
+checkpoint and pointer intact. Frozen base weights are not stored (they are reloaded from the
+base model) and are loaded non-strictly, so resuming never trips on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rosa_ds.dist import barrier
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+TMP_SUFFIX = ".tmp"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def is_complete(folder: Path) -> bool:
+    return folder.is_dir() and (folder / STATE_FILE).is_file() and not folder.name.endswith(
+        TMP_SUFFIX
+    )
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint: the ``latest`` pointer if it is sound, else a scan."""
+    root = checkpoint_root(output_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    done = sorted(p for p in root.glob("step-*") if is_complete(p)) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(engine: Any, output_dir: str | Path, step: int, state: dict[str, Any],
+                    write_adapter, keep: int) -> Path:
+    """Every rank calls this. ``write_adapter(folder)`` gathers and (on rank 0) writes the adapter."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    root = checkpoint_root(output_dir)
+    final = root / tag_for(step)
+    tmp_tag = tag_for(step) + TMP_SUFFIX
+    tmp = root / tmp_tag
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"rosa_ds": state},
+                           save_latest=False, exclude_frozen_parameters=True)
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    write_adapter(tmp / "adapter")
+    barrier()
+    if rank == 0:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / LATEST, final.name)
+        _prune(root, keep)
+    barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("step-*") if is_complete(p))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(engine: Any, folder: Path) -> dict[str, Any]:
+    """Restore the engine, this rank's RNG, and return the trainer state."""
+    import torch.distributed as dist
+
+    _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name,
+                                       load_module_strict=False)
+    state = json.loads((folder / STATE_FILE).read_text())
+    rng_file = folder / f"rng-rank{dist.get_rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state

@@ -1,0 +1,133 @@
+"""``rosa-ds train | eval | export | env``: the command line.
+
+Bad input (config, command line, data) is one line on stderr and exit code 2; other failures
+exit non-zero with the traceback, since they are bugs or broken machines, not user mistakes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rosa_ds.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage; we want one line
+        raise UserError(f"{message}; see rosa-ds {self.prog.split()[-1]} --help")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="named config (e.g. tiny-lora) or a YAML path")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rosa-ds", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("train", help="fine-tune (one process, or one rank under any launcher)")
+    _add_config_args(p)
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                   help="continue from the latest checkpoint of output_dir (or of DIR)")
+    p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p = sub.add_parser("eval", help="held-out loss, perplexity and task metric")
+    _add_config_args(p)
+    p.add_argument("--adapter", help="adapter folder (default: <output_dir>/adapter if present)")
+    p = sub.add_parser("export", help="merged Hugging Face model plus adapter files")
+    p.add_argument("--run", help="a run's output_dir (uses <run>/adapter)")
+    p.add_argument("--adapter", help="an adapter folder instead of --run")
+    p.add_argument("--out", help="where to write (default: <run>/export)")
+    p.add_argument("--base", help="base model, if not the one recorded in the adapter")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto")
+    p = sub.add_parser("env", help="installed packages, accelerator, backend and kernels")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _is_main_rank() -> bool:
+    from rosa_ds.dist import detect_placement
+
+    return detect_placement().rank == 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("train", "eval"):
+        from rosa_ds.config import config_help, dump_config, load_config
+
+        if getattr(args, "help_config", False):
+            print(config_help())
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if getattr(args, "print_config", False):
+            print(dump_config(cfg), end="")
+            return 0
+        if args.command == "train":
+            from rosa_ds.train import train
+
+            summary = train(cfg, resume=args.resume)
+            if _is_main_rank():
+                print_summary(summary)
+        else:
+            from rosa_ds.train import evaluate
+
+            results = evaluate(cfg, args.adapter)
+            if _is_main_rank():
+                print(json.dumps(results, indent=2))
+        return 0
+    if args.command == "export":
+        from rosa_ds.export import export
+
+        if not args.run and not args.adapter:
+            raise UserError("export needs --run DIR or --adapter DIR")
+        adapter = Path(args.adapter) if args.adapter else Path(args.run) / "adapter"
+        out = args.out or str(Path(args.run or adapter.parent) / "export")
+        written = export(adapter, out, base=args.base, dtype=args.dtype)
+        for kind, path in written.items():
+            print(f"{kind}: {path}")
+        return 0
+    if args.command == "env":
+        from rosa_ds.env_report import environment_report, format_report
+
+        report = environment_report()
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return 0
+    raise AssertionError(args.command)
+
+
+def print_summary(s: dict) -> None:
+    before, after = s.get("before") or {}, s.get("after") or {}
+    print(f"\ntrained {s['steps']} steps (from step {s['resumed_from']}) on {s['world_size']} "
+          f"rank(s), ZeRO-{s['zero_stage']}, in {s['train_seconds']} s")
+    if s["losses"]:
+        print(f"train loss      {s['loss_first']:.4f} -> {s['loss_last']:.4f}")
+    for key in after:
+        if key in before:
+            print(f"{key:<15} {before[key]:.4f} -> {after[key]:.4f}")
+        else:
+            print(f"{key:<15} {after[key]:.4f}")
+    print(f"checkpoint      {s['checkpoint']}")
+    print(f"adapter         {s['adapter']}  (PEFT format in {s['adapter']}/peft)")
+    print(f"merged model    rosa-ds export --run {Path(s['adapter']).parent}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except UserError as exc:
+        if _is_main_rank() or os.environ.get("ROSA_DS_ALL_RANKS_REPORT"):
+            print(f"rosa-ds: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

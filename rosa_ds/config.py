@@ -1,0 +1,354 @@
+"""Run configuration: typed fields with defaults and help, YAML loading, dotted overrides, validation.
+
+A run config is a YAML file (or the name of one shipped in ``rosa_ds/configs``) plus
+``key=value`` overrides on the command line, torchtune style. Every problem is a
+:class:`UserError` naming the key and the fix; nothing here imports torch or DeepSpeed, so a bad
+config costs a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rosa_ds.errors import UserError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with help text (shown by ``rosa-ds train --help-config``)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(
+        "builtin:tiny-llama",
+        "A local folder, a hub id (online only), or builtin:tiny-llama / builtin:smollm2-135m-instruct.",
+    )
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub; off unless you trust it.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = _f(8, "LoRA rank r (> 0).")
+    alpha: float = _f(16.0, "LoRA scale numerator: the update is (alpha / rank) * B A.")
+    dropout: float = _f(0.0, "Dropout on the adapter's input, in [0, 1).")
+    targets: list[str] = _f(
+        ["all-linear"],
+        "Module name patterns to adapt: 'all-linear' (every nn.Linear but lm_head) or regexes "
+        "matched against the end of the dotted module name, e.g. [q_proj, v_proj].",
+    )
+    exclude: list[str] = _f(["lm_head"], "Module name patterns never adapted.")
+    init_seed: int | None = _f(None, "Seed of the adapter initialization (default: the run seed).")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f(
+        "arithmetic",
+        "A bundled generator (arithmetic, sql), a local .json/.jsonl/.parquet file or folder, "
+        "or a hub dataset id (online only).",
+    )
+    format: Literal["auto", "prompt_response", "gsm8k", "sql_context"] = _f(
+        "auto",
+        "Schema of the records: prompt_response (prompt, response), gsm8k (question, answer with "
+        "'#### N'), sql_context (question, context, answer). auto: guessed from the fields.",
+    )
+    metric: Literal["auto", "number_match", "sql_execution", "none"] = _f(
+        "auto", "Task metric by generation; auto: from the format."
+    )
+    subset: str | None = _f(None, "Dataset configuration on the hub, e.g. main for openai/gsm8k.")
+    train_split: str = _f("train", "Split used for training (hub datasets).")
+    eval_split: str | None = _f(
+        "test", "Split for evaluation; if missing, eval_fraction of train is held out."
+    )
+    eval_fraction: float = _f(0.05, "Held-out fraction when the dataset has no eval split.")
+    num_train: int = _f(2000, "Number of generated training examples (generators only).")
+    num_eval: int = _f(64, "Number of generated evaluation examples (generators only).")
+    max_length: int = _f(256, "Longest tokenized example; longer ones are truncated.")
+    packing: bool = _f(False, "Pack several examples into each sequence instead of padding.")
+    chat_template: bool = _f(True, "Use the tokenizer's chat template when it has one.")
+    seed: int = _f(1234, "Seed of the generators and of the held-out split.")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(100, "Optimizer steps to run (> 0).")
+    micro_batch_size: int = _f(2, "Sequences per rank per forward pass.")
+    global_batch_size: int = _f(
+        8, "Sequences per optimizer step over all ranks; gradient accumulation fills the gap."
+    )
+    lr: float = _f(2e-4, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
+    scheduler: Literal["cosine", "linear", "constant"] = _f(
+        "cosine", "Decay after the warm-up (transformers' schedules)."
+    )
+    warmup_steps: int = _f(10, "Linear warm-up steps.")
+    grad_clip: float = _f(1.0, "Gradient norm clipping; 0 turns it off.")
+    precision: Literal["bf16", "fp32"] = _f("bf16", "Compute and frozen-weight precision.")
+    eval_every: int = _f(0, "Held-out loss every N steps (0: only before and after training).")
+    save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = _f(2, "How many of the newest checkpoints to keep (>= 1).")
+    log_every: int = _f(1, "Log metrics every N steps.")
+
+
+@dataclass
+class EvalConfig:
+    before_training: bool = _f(True, "Measure the task metric before training too.")
+    num_generate: int = _f(32, "Held-out examples scored by generation (0: skip the task metric).")
+    max_new_tokens: int = _f(48, "Generation length for the task metric.")
+    batch_size: int = _f(8, "Sequences per generation batch per rank.")
+    max_loss_batches: int = _f(16, "Micro-batches per rank for the held-out loss (0: all).")
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = _f(
+        "zero2",
+        "A JSON in ds_configs/ by name (zero2, zero3, zero3_offload, cpu_zero2, ...) or a path.",
+    )
+    backend: Literal["auto", "nccl", "gloo", "ccl", "mpi"] = _f(
+        "auto", "Communication backend; auto: nccl on CUDA, gloo on CPU."
+    )
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("run", "Name of the run (used in logs).")
+    output_dir: str = _f("runs/run", "Where checkpoints, metrics and the adapter go.")
+    seed: int = _f(42, "Seed of model, adapter, data order and dropout.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def named_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"config file {name_or_path} not found; give a YAML path or one of: "
+                            f"{', '.join(named_configs())}")
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise UserError(f"unknown config {name_or_path!r}; give a YAML path or one of: "
+                        f"{', '.join(named_configs())}")
+    return shipped
+
+
+def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if name_or_path:
+        path = resolve_config_path(name_or_path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config {path} is not valid YAML{where}: "
+                            f"{getattr(exc, 'problem', exc)}; fix the syntax") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"config {path} must be a mapping of keys to values, "
+                            f"not a {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    cfg = _build(RunConfig, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item or item.startswith("="):
+        raise UserError(f"override {item!r} must look like key=value, e.g. train.max_steps=20")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, typ in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(typ):
+            keys += _all_keys(typ, prefix + name + ".")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be a section (a mapping of keys), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            full = prefix + str(key)
+            close = difflib.get_close_matches(full, _all_keys(RunConfig), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; known keys in {where}: " + \
+                ", ".join(sorted(known))
+            raise UserError(f"unknown config key {full}{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _build(typ, raw[f.name] or {}, prefix + f.name + ".")
+        else:
+            kwargs[f.name] = _coerce(raw[f.name], typ, prefix + f.name)
+    return cls(**kwargs)
+
+
+def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(typ))
+    return getattr(typ, "__name__", str(typ))
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check ``value`` against the annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{key} must be {_type_name(typ)}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list, got {value!r}; e.g. {key}=[a,b]")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key} must be true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key} must be an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 1e-4 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise UserError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise UserError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject impossible values with a message that says what to set instead."""
+    a, t, d, e = cfg.adapter, cfg.train, cfg.data, cfg.eval
+    _require(bool(cfg.output_dir.strip()), "output_dir must not be empty; set output_dir=runs/NAME")
+    _require(a.rank > 0, f"adapter.rank must be > 0, got {a.rank}; e.g. adapter.rank=8")
+    _require(a.alpha > 0, f"adapter.alpha must be > 0, got {a.alpha}; e.g. adapter.alpha=16")
+    _require(0 <= a.dropout < 1, f"adapter.dropout must be in [0, 1), got {a.dropout}")
+    _require(len(a.targets) > 0, "adapter.targets must name at least one module pattern")
+    _require(t.max_steps > 0, f"train.max_steps must be > 0, got {t.max_steps}")
+    _require(t.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {t.micro_batch_size}")
+    _require(t.global_batch_size % t.micro_batch_size == 0 and t.global_batch_size > 0,
+             f"train.global_batch_size ({t.global_batch_size}) must be a positive multiple of "
+             f"train.micro_batch_size ({t.micro_batch_size})")
+    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+             f"train.betas must be two numbers in [0, 1), got {t.betas}")
+    _require(0 <= t.warmup_steps, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 turns it off), got {t.grad_clip}")
+    for k in ("eval_every", "save_every"):
+        _require(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")
+    _require(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
+    _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    _require(d.max_length >= 8, f"data.max_length must be >= 8, got {d.max_length}")
+    _require(0 < d.eval_fraction < 1, f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
+    _require(d.num_train > 0 and d.num_eval > 0, "data.num_train and data.num_eval must be > 0")
+    _require(e.num_generate >= 0 and e.max_new_tokens > 0 and e.batch_size > 0,
+             "eval.num_generate must be >= 0, eval.max_new_tokens and eval.batch_size > 0")
+    _require(e.max_loss_batches >= 0, "eval.max_loss_batches must be >= 0")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_help() -> str:
+    """Every key with its default and help, for ``rosa-ds train --help-config``."""
+    lines = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, prefix + f.name + ".")
+            else:
+                lines.append(f"{prefix + f.name} = {value!r}  [{_type_name(hints[f.name])}]"
+                             f"\n    {f.metadata.get('help', '')}")
+
+    walk(RunConfig(), "")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Data: loading and record schemas, task generators, tokenization, batching, metrics."""

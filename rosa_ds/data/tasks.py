@@ -1,0 +1,117 @@
+"""Bundled task generators with a real metric, for machines with no dataset hub.
+
+* ``arithmetic``: GSM8K-style word problems; the answer ends in ``#### N`` and is scored by exact
+  match of the final number.
+* ``sql``: text-to-SQL over generated sqlite3 tables, in the schema of sql-create-context
+  (question, context, answer) plus ``setup``, the SQL that fills the table so that a predicted
+  query can be scored by executing it (execution accuracy).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+Record = dict[str, str]
+
+NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena",
+         "Max", "Nora", "Omar", "Pia", "Ravi", "Sara", "Tom", "Uma", "Zoe"]
+ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "cards",
+         "shells", "stamps"]
+
+
+def _arithmetic_problem(rng: random.Random) -> Record:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, 50), rng.randint(2, 30)
+    kind = rng.randrange(5)
+    if kind == 0:
+        q = f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?"
+        steps, ans = f"{a} + {b} = {a + b}", a + b
+    elif kind == 1:
+        a = a + b
+        q = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
+        steps, ans = f"{a} - {b} = {a - b}", a - b
+    elif kind == 2:
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        q = f"{name} buys {a} bags with {b} {item} in each bag. How many {item} is that in total?"
+        steps, ans = f"{a} * {b} = {a * b}", a * b
+    elif kind == 3:
+        b = rng.randint(2, 9)
+        a = b * rng.randint(2, 12)
+        q = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each get?"
+        steps, ans = f"{a} / {b} = {a // b}", a // b
+    else:
+        c = rng.randint(1, min(a + b - 1, 20))
+        q = (f"{name} has {a} {item}, finds {b} more and then loses {c}. "
+             f"How many {item} does {name} have?")
+        steps, ans = f"{a} + {b} = {a + b}, and {a + b} - {c} = {a + b - c}", a + b - c
+    return {"question": q, "answer": f"{steps}.\n#### {ans}"}
+
+
+TABLES = {
+    "employees": {
+        "name": ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Gina", "Hank", "Ivy", "Joe"],
+        "department": ["sales", "hr", "it", "finance"],
+        "salary": (30000, 120000),
+        "age": (21, 65),
+    },
+    "products": {
+        "name": ["lamp", "desk", "chair", "mug", "pen", "sofa", "rug", "clock", "vase", "fan"],
+        "category": ["home", "office", "kitchen"],
+        "price": (1, 500),
+        "stock": (0, 200),
+    },
+    "students": {
+        "name": ["Amir", "Bea", "Cole", "Dina", "Eli", "Fay", "Gus", "Hana", "Ian", "Jade"],
+        "major": ["math", "physics", "history", "biology"],
+        "score": (40, 100),
+        "year": (1, 4),
+    },
+}
+
+
+def _sql_problem(rng: random.Random) -> Record:
+    table = rng.choice(sorted(TABLES))
+    spec = TABLES[table]
+    cols = list(spec)
+    name_col, cat_col, num1, num2 = cols
+    ddl = (f"CREATE TABLE {table} ({name_col} TEXT, {cat_col} TEXT, "
+           f"{num1} INTEGER, {num2} INTEGER)")
+    rows = []
+    for name in rng.sample(spec[name_col], rng.randint(5, 8)):
+        rows.append((name, rng.choice(spec[cat_col]), rng.randint(*spec[num1]),
+                     rng.randint(*spec[num2])))
+    inserts = "; ".join(f"INSERT INTO {table} VALUES ('{r[0]}', '{r[1]}', {r[2]}, {r[3]})"
+                        for r in rows)
+    num = rng.choice([num1, num2])
+    cat = rng.choice(spec[cat_col])
+    threshold = rng.choice(rows)[cols.index(num)]
+    kind = rng.randrange(5)
+    if kind == 0:
+        q = f"How many {table} have {num} greater than {threshold}?"
+        sql = f"SELECT COUNT(*) FROM {table} WHERE {num} > {threshold}"
+    elif kind == 1:
+        q = f"What is the {name_col} of the {table[:-1]} with the highest {num}?"
+        sql = f"SELECT {name_col} FROM {table} ORDER BY {num} DESC LIMIT 1"
+    elif kind == 2:
+        q = f"What is the average {num} of {table} whose {cat_col} is '{cat}'?"
+        sql = f"SELECT AVG({num}) FROM {table} WHERE {cat_col} = '{cat}'"
+    elif kind == 3:
+        q = f"List the {name_col} of all {table} whose {cat_col} is '{cat}'."
+        sql = f"SELECT {name_col} FROM {table} WHERE {cat_col} = '{cat}'"
+    else:
+        q = f"What is the total {num} of all {table}?"
+        sql = f"SELECT SUM({num}) FROM {table}"
+    return {"question": q, "context": ddl, "answer": sql, "setup": f"{ddl}; {inserts}"}
+
+
+GENERATORS: dict[str, Callable[[random.Random], Record]] = {
+    "arithmetic": _arithmetic_problem,
+    "sql": _sql_problem,
+}
+
+
+def generate(task: str, n: int, seed: int) -> list[Record]:
+    """``n`` examples of ``task``, the same for the same seed on every rank and machine."""
+    rng = random.Random(f"{task}:{seed}")
+    return [GENERATORS[task](rng) for _ in range(n)]

