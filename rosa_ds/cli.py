@@ -17,7 +17,7 @@ from rosa_ds.errors import UserError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints usage; we want one line
-        raise UserError(f"{message}; see rosa-ds {self.prog.split()[-1]} --help")
+        raise UserError(f"{message}; see {self.prog} --help")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rosa-ds", description=__doc__.splitlines()[0])
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="fine-tune (one process, or one rank under any launcher)")
     _add_config_args(p)

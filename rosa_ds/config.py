@@ -112,7 +112,8 @@ class EvalConfig:
     num_generate: int = _f(32, "Held-out examples scored by generation (0: skip the task metric).")
     max_new_tokens: int = _f(48, "Generation length for the task metric.")
     batch_size: int = _f(8, "Sequences per generation batch per rank.")
-    max_loss_batches: int = _f(16, "Micro-batches per rank for the held-out loss (0: all).")
+    max_loss_examples: int = _f(64, "Held-out examples for the loss, the same set at any world "
+                                "size (0: all).")
 
 
 @dataclass
@@ -329,7 +330,7 @@ def validate(cfg: RunConfig) -> None:
     _require(d.num_train > 0 and d.num_eval > 0, "data.num_train and data.num_eval must be > 0")
     _require(e.num_generate >= 0 and e.max_new_tokens > 0 and e.batch_size > 0,
              "eval.num_generate must be >= 0, eval.max_new_tokens and eval.batch_size > 0")
-    _require(e.max_loss_batches >= 0, "eval.max_loss_batches must be >= 0")
+    _require(e.max_loss_examples >= 0, "eval.max_loss_examples must be >= 0")
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -25,14 +25,14 @@ def _forward_count(n_items: int, per_batch: int, world: int) -> int:
 
 @torch.no_grad()
 def heldout_loss(model: torch.nn.Module, examples: list[dict[str, list[int]]], micro_batch: int,
-                 pad_id: int, rank: int, world: int, max_batches: int = 0) -> dict[str, float]:
+                 pad_id: int, rank: int, world: int, max_examples: int = 0) -> dict[str, float]:
     """Token-weighted mean loss over the held-out examples, and its perplexity."""
     was_training = model.training
     model.eval()
+    if max_examples:
+        examples = examples[:max_examples]
     mine = [examples[i] for i in shard_evenly(len(examples), rank, world)]
     n_batches = _forward_count(len(examples), micro_batch, world)
-    if max_batches:
-        n_batches = min(n_batches, max_batches)
     total, tokens = 0.0, 0.0
     device = next(model.parameters()).device
     for b in range(n_batches):

@@ -28,12 +28,16 @@ from rosa_ds.tracking import MetricsLog
 
 def quiet_libraries() -> None:
     import logging
+    import warnings
 
     import transformers
     from deepspeed.utils import logger as ds_logger
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     ds_logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
 def evaluate_all(cfg: RunConfig, built: Built, prep: Prepared, with_metric: bool
@@ -41,7 +45,7 @@ def evaluate_all(cfg: RunConfig, built: Built, prep: Prepared, with_metric: bool
     p = built.placement
     pad = built.tokenizer.pad_token_id
     results = heldout_loss(built.model, prep.eval_examples, cfg.train.micro_batch_size, pad,
-                           p.rank, p.world_size, cfg.eval.max_loss_batches)
+                           p.rank, p.world_size, cfg.eval.max_loss_examples)
     samples: list[dict[str, Any]] = []
     if with_metric and prep.data.metric != "none" and cfg.eval.num_generate:
         value, samples = task_metric(

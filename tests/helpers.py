@@ -1,0 +1,72 @@
+"""Helpers for tests: run the real command line in subprocesses, one process or several ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+os.environ.setdefault("ROSA_DS_CACHE", str(REPO / ".cache" / "rosa-ds"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if not _has_gpu():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def launch(args: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 600,
+           env: dict[str, str] | None = None, cwd: Path | None = None
+           ) -> subprocess.CompletedProcess:
+    """Run ``rosa-ds ARGS`` as ``nproc`` ranks through a real launcher."""
+    entry = str(REPO / "launcher" / "main.py")
+    if launcher == "python":
+        cmd = [sys.executable, "-m", "rosa_ds.cli", *args]
+    elif launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+               entry, *args]
+    elif launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+               str(free_port()), entry, *args]
+    else:
+        raise ValueError(launcher)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=env or child_env(), cwd=cwd or REPO)
+
+
+def train_ok(args: list[str], **kw) -> dict:
+    """Train and return the run's summary.json; fail with the output if the run failed."""
+    proc = launch(["train", *args], **kw)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = next(a.split("=", 1)[1] for a in args if a.startswith("output_dir="))
+    return json.loads((Path(out) / "summary.json").read_text())
+
+

@@ -1,0 +1,69 @@
+"""Run config: named configs load, overrides apply with types, bad values are one-line errors."""
+
+import pytest
+
+from rosa_ds.config import config_help, load_config, named_configs, parse_override
+from rosa_ds.errors import UserError
+
+
+def test_named_configs_ship_and_validate():
+    assert {"tiny-lora", "smollm2-lora"} <= set(named_configs())
+    for name in named_configs():
+        load_config(name)
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config("tiny-lora", ["adapter.rank=4", "adapter.alpha=8", "train.lr=1e-4",
+                                    "adapter.targets=[q_proj,v_proj]", "output_dir=/tmp/x",
+                                    "train.max_steps=3", "adapter.dropout=0.1"])
+    assert cfg.adapter.rank == 4 and cfg.adapter.alpha == 8.0
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.adapter.targets == ["q_proj", "v_proj"]
+    assert cfg.output_dir == "/tmp/x" and cfg.train.max_steps == 3
+    assert cfg.adapter.dropout == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("adapter.rnak=4", "did you mean adapter.rank"),
+        ("train.max_steps=abc", "train.max_steps must be an integer"),
+        ("adapter.rank=0", "adapter.rank must be > 0"),
+        ("adapter.rank=-3", "adapter.rank must be > 0"),
+        ("adapter.dropout=1.5", "adapter.dropout must be in [0, 1)"),
+        ("train.precision=fp8", "train.precision must be one of"),
+        ("train.global_batch_size=7", "must be a positive multiple"),
+        ("model.trust_remote_code=maybe", "must be true or false"),
+        ("nonsense", "must look like key=value"),
+        ("train=3", "must be a section"),
+    ],
+)
+def test_bad_overrides_name_the_problem(override, message):
+    with pytest.raises(UserError, match=None) as info:
+        load_config("tiny-lora", [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_broken_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("adapter: [rank: 4\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(UserError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(UserError, match="unknown config"):
+        load_config("no-such-config")
+
+
+def test_override_parsing_keeps_strings():
+    assert parse_override("model.name_or_path=builtin:tiny-llama") == (
+        "model.name_or_path", "builtin:tiny-llama")
+    assert parse_override("data.eval_split=null") == ("data.eval_split", None)
+
+
+def test_help_lists_every_key():
+    text = config_help()
+    for key in ("output_dir", "train.max_steps", "adapter.rank", "adapter.alpha",
+                "adapter.dropout", "adapter.targets"):
+        assert f"\n{key} = " in "\n" + text

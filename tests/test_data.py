@@ -1,0 +1,135 @@
+"""Data: generators, metrics, schema loaders on local files, tokenization, the sampler."""
+
+import json
+import random
+
+import pytest
+
+from rosa_ds.config import DataConfig
+from rosa_ds.data.batching import GlobalBatchSampler, collate
+from rosa_ds.data.loading import load_task_data
+from rosa_ds.data.metrics import final_number, number_match, sql_execution_match
+from rosa_ds.data.tasks import generate
+from rosa_ds.data.tokenize import IGNORE, pack, tokenize_records
+from rosa_ds.errors import UserError
+
+
+def test_generators_are_deterministic_and_varied():
+    a, b = generate("arithmetic", 50, 7), generate("arithmetic", 50, 7)
+    assert a == b and len({r["question"] for r in a}) > 40
+    assert generate("arithmetic", 5, 8) != a[:5]
+
+
+def test_arithmetic_answers_are_right():
+    for rec in generate("arithmetic", 200, 3):
+        steps = rec["answer"].split("####")[0]
+        for expr in steps.replace(".", "").split(","):
+            lhs, rhs = expr.replace("and", "").split("=")
+            assert eval(lhs.replace("/", "//")) == int(rhs)  # noqa: S307 - generated arithmetic
+        assert number_match(rec["answer"], rec["answer"])
+
+
+@pytest.mark.parametrize("pred, ok", [("so 5 + 3 = 8.\n#### 8", True), ("The answer is 8.", True),
+                                      ("#### 9", False), ("no number", False),
+                                      ("1,008 then 8", True)])
+def test_number_match(pred, ok):
+    assert number_match(pred, "5 + 3 = 8.\n#### 8") is ok
+
+
+def test_final_number_prefers_hash_marker():
+    assert final_number("3 then 4 #### 12 and 5") == "12"
+    assert final_number("costs 2.50 dollars") == "2.5"
+
+
+def test_sql_gold_queries_execute_and_wrong_ones_fail():
+    for rec in generate("sql", 60, 11):
+        assert sql_execution_match(rec["answer"], rec["answer"], rec["setup"])
+        assert sql_execution_match(f"```sql\n{rec['answer']};\n```", rec["answer"], rec["setup"])
+        assert not sql_execution_match("SELECT nothing FROM nowhere", rec["answer"], rec["setup"])
+    rec = next(r for r in generate("sql", 100, 11) if "COUNT(*)" in r["answer"])
+    assert not sql_execution_match("SELECT COUNT(*) + 1000 FROM " + rec["answer"].split(
+        "FROM ")[1], rec["answer"], rec["setup"])
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_gsm8k_schema_loader_on_local_files(tmp_path):
+    rows = [{"question": r["question"], "answer": r["answer"]} for r in generate("arithmetic", 30, 1)]
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", rows[:25])
+    _write_jsonl(folder / "test.jsonl", rows[25:])
+    data = load_task_data(DataConfig(dataset=str(folder)))
+    assert data.format == "gsm8k" and data.metric == "number_match"
+    assert len(data.train) == 25 and len(data.eval) == 5
+    assert data.train[0]["prompt"] == rows[0]["question"]
+
+
+def test_sql_context_loader_parquet_and_holdout(tmp_path):
+    import datasets
+
+    rows = [{k: r[k] for k in ("question", "context", "answer")} for r in generate("sql", 40, 2)]
+    path = tmp_path / "sql.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    data = load_task_data(DataConfig(dataset=str(path), eval_fraction=0.25))
+    assert data.format == "sql_context" and data.metric == "sql_execution"
+    assert len(data.train) == 30 and len(data.eval) == 10
+    # Without inserted rows the CREATE TABLE context is the database: execution still runs.
+    rec = data.eval[0]
+    assert sql_execution_match(rec["reference"], rec["reference"], rec["setup"])
+
+
+def test_missing_and_empty_fields_are_user_errors(tmp_path):
+    path = _write_jsonl(tmp_path / "a.jsonl", [{"prompt": "hi", "response": "yo"},
+                                               {"prompt": "hi", "response": ""}])
+    with pytest.raises(UserError, match="empty field 'response'"):
+        load_task_data(DataConfig(dataset=path))
+    path = _write_jsonl(tmp_path / "b.jsonl", [{"prompt": "hi", "reply": "yo"}] * 3)
+    with pytest.raises(UserError, match="match no known format"):
+        load_task_data(DataConfig(dataset=path))
+    with pytest.raises(UserError, match="does not exist"):
+        load_task_data(DataConfig(dataset=str(tmp_path / "none.jsonl")))
+
+
+class CharTok:
+    eos_token_id = 2
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_tokenize_masks_the_prompt():
+    recs = [{"prompt": "1+1?", "response": "2"}]
+    (ex,) = tokenize_records(recs, CharTok(), 64, use_chat_template=True)
+    n_prompt = len("### Question:\n1+1?\n### Answer:\n")
+    assert ex["labels"][:n_prompt] == [IGNORE] * n_prompt
+    assert ex["labels"][n_prompt:] == [ord("2"), 2]
+    assert tokenize_records(recs, CharTok(), n_prompt, True) == []  # response cut off: dropped
+
+
+def test_pack_and_collate():
+    exs = [{"input_ids": [1] * n, "labels": [5] * n} for n in (3, 4, 5, 2)]
+    packed = pack(exs, 8)
+    assert [len(p["input_ids"]) for p in packed] == [7, 7]
+    assert packed[0]["position_ids"] == [0, 1, 2, 0, 1, 2, 3]
+    batch = collate(exs[:2], pad_id=0)
+    assert batch["input_ids"].shape == (2, 4)
+    assert batch["labels"][0, 3].item() == IGNORE and batch["attention_mask"][0].tolist() == [
+        1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sampler_is_world_size_invariant(world):
+    single = GlobalBatchSampler(100, 8, 2, 0, 1, seed=3)
+    ranks = [GlobalBatchSampler(100, 8, 2, r, world, seed=3) for r in range(world)]
+    for step in random.Random(0).sample(range(60), 15):
+        ref = single.micro_batches(step)
+        # micro-batch j of the global batch lives on rank j % world, in order
+        for j, mb in enumerate(ref):
+            assert ranks[j % world].micro_batches(step)[j // world] == mb
+    epoch0 = [i for s in range(12) for mb in single.micro_batches(s) for i in mb]
+    assert sorted(epoch0) == sorted(set(epoch0)) and len(epoch0) == 96
