@@ -39,8 +39,8 @@ def tag_for(step: int) -> str:
 
 
 def is_complete(folder: Path) -> bool:
-    return folder.is_dir() and (folder / STATE_FILE).is_file() and not folder.name.endswith(
-        TMP_SUFFIX
+    return (
+        folder.is_dir() and (folder / STATE_FILE).is_file() and not folder.name.endswith(TMP_SUFFIX)
     )
 
 
@@ -71,8 +71,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(engine: Any, output_dir: str | Path, step: int, state: dict[str, Any],
-                    write_adapter, keep: int) -> Path:
+def save_checkpoint(
+    engine: Any, output_dir: str | Path, step: int, state: dict[str, Any], write_adapter, keep: int
+) -> Path:
     """Every rank calls this. ``write_adapter(folder)`` gathers and (on rank 0) writes the adapter."""
     import torch.distributed as dist
 
@@ -85,8 +86,13 @@ def save_checkpoint(engine: Any, output_dir: str | Path, step: int, state: dict[
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"rosa_ds": state},
-                           save_latest=False, exclude_frozen_parameters=True)
+    engine.save_checkpoint(
+        str(root),
+        tag=tmp_tag,
+        client_state={"rosa_ds": state},
+        save_latest=False,
+        exclude_frozen_parameters=True,
+    )
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     write_adapter(tmp / "adapter")
     barrier()
@@ -111,8 +117,9 @@ def load_checkpoint(engine: Any, folder: Path) -> dict[str, Any]:
     """Restore the engine, this rank's RNG, and return the trainer state."""
     import torch.distributed as dist
 
-    _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name,
-                                       load_module_strict=False)
+    _, client = engine.load_checkpoint(
+        str(folder.parent), tag=folder.name, load_module_strict=False
+    )
     state = json.loads((folder / STATE_FILE).read_text())
     rng_file = folder / f"rng-rank{dist.get_rank()}.pt"
     if rng_file.is_file():

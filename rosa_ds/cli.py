@@ -32,8 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="fine-tune (one process, or one rank under any launcher)")
     _add_config_args(p)
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
-                   help="continue from the latest checkpoint of output_dir (or of DIR)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="continue from the latest checkpoint of output_dir (or of DIR)",
+    )
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p = sub.add_parser("eval", help="held-out loss, perplexity and task metric")
@@ -103,8 +109,10 @@ def run(argv: list[str] | None = None) -> int:
 
 def print_summary(s: dict) -> None:
     before, after = s.get("before") or {}, s.get("after") or {}
-    print(f"\ntrained {s['steps']} steps (from step {s['resumed_from']}) on {s['world_size']} "
-          f"rank(s), ZeRO-{s['zero_stage']}, in {s['train_seconds']} s")
+    print(
+        f"\ntrained {s['steps']} steps (from step {s['resumed_from']}) on {s['world_size']} "
+        f"rank(s), ZeRO-{s['zero_stage']}, in {s['train_seconds']} s"
+    )
     if s["losses"]:
         print(f"train loss      {s['loss_first']:.4f} -> {s['loss_last']:.4f}")
     for key in after:

@@ -8,6 +8,7 @@ config costs a fraction of a second.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -112,8 +113,9 @@ class EvalConfig:
     num_generate: int = _f(32, "Held-out examples scored by generation (0: skip the task metric).")
     max_new_tokens: int = _f(48, "Generation length for the task metric.")
     batch_size: int = _f(8, "Sequences per generation batch per rank.")
-    max_loss_examples: int = _f(64, "Held-out examples for the loss, the same set at any world "
-                                "size (0: all).")
+    max_loss_examples: int = _f(
+        64, "Held-out examples for the loss, the same set at any world size (0: all)."
+    )
 
 
 @dataclass
@@ -155,13 +157,17 @@ def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise UserError(f"config file {name_or_path} not found; give a YAML path or one of: "
-                            f"{', '.join(named_configs())}")
+            raise UserError(
+                f"config file {name_or_path} not found; give a YAML path or one of: "
+                f"{', '.join(named_configs())}"
+            )
         return path
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if not shipped.is_file():
-        raise UserError(f"unknown config {name_or_path!r}; give a YAML path or one of: "
-                        f"{', '.join(named_configs())}")
+        raise UserError(
+            f"unknown config {name_or_path!r}; give a YAML path or one of: "
+            f"{', '.join(named_configs())}"
+        )
     return shipped
 
 
@@ -175,13 +181,16 @@ def load_config(name_or_path: str | None, overrides: list[str] | None = None) ->
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"config {path} is not valid YAML{where}: "
-                            f"{getattr(exc, 'problem', exc)}; fix the syntax") from None
+            raise UserError(
+                f"config {path} is not valid YAML{where}: "
+                f"{getattr(exc, 'problem', exc)}; fix the syntax"
+            ) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise UserError(f"config {path} must be a mapping of keys to values, "
-                            f"not a {type(loaded).__name__}")
+            raise UserError(
+                f"config {path} must be a mapping of keys to values, not a {type(loaded).__name__}"
+            )
         raw = loaded
     for item in overrides or []:
         key, value = parse_override(item)
@@ -233,8 +242,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if key not in known:
             full = prefix + str(key)
             close = difflib.get_close_matches(full, _all_keys(RunConfig), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else f"; known keys in {where}: " + \
-                ", ".join(sorted(known))
+            hint = (
+                f"; did you mean {close[0]}?"
+                if close
+                else f"; known keys in {where}: " + ", ".join(sorted(known))
+            )
             raise UserError(f"unknown config key {full}{hint}")
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -283,10 +295,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         return value
     if typ is float:
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)  # YAML reads 1e-4 (no dot) as a string
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise UserError(f"{key} must be a number, got {value!r}")
         return float(value)
@@ -311,25 +321,37 @@ def validate(cfg: RunConfig) -> None:
     _require(0 <= a.dropout < 1, f"adapter.dropout must be in [0, 1), got {a.dropout}")
     _require(len(a.targets) > 0, "adapter.targets must name at least one module pattern")
     _require(t.max_steps > 0, f"train.max_steps must be > 0, got {t.max_steps}")
-    _require(t.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {t.micro_batch_size}")
-    _require(t.global_batch_size % t.micro_batch_size == 0 and t.global_batch_size > 0,
-             f"train.global_batch_size ({t.global_batch_size}) must be a positive multiple of "
-             f"train.micro_batch_size ({t.micro_batch_size})")
+    _require(
+        t.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {t.micro_batch_size}"
+    )
+    _require(
+        t.global_batch_size % t.micro_batch_size == 0 and t.global_batch_size > 0,
+        f"train.global_batch_size ({t.global_batch_size}) must be a positive multiple of "
+        f"train.micro_batch_size ({t.micro_batch_size})",
+    )
     _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
-             f"train.betas must be two numbers in [0, 1), got {t.betas}")
-    _require(0 <= t.warmup_steps, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(
+        len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+        f"train.betas must be two numbers in [0, 1), got {t.betas}",
+    )
+    _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 turns it off), got {t.grad_clip}")
     for k in ("eval_every", "save_every"):
         _require(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")
     _require(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
-    _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    _require(
+        t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"
+    )
     _require(d.max_length >= 8, f"data.max_length must be >= 8, got {d.max_length}")
-    _require(0 < d.eval_fraction < 1, f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
+    _require(
+        0 < d.eval_fraction < 1, f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}"
+    )
     _require(d.num_train > 0 and d.num_eval > 0, "data.num_train and data.num_eval must be > 0")
-    _require(e.num_generate >= 0 and e.max_new_tokens > 0 and e.batch_size > 0,
-             "eval.num_generate must be >= 0, eval.max_new_tokens and eval.batch_size > 0")
+    _require(
+        e.num_generate >= 0 and e.max_new_tokens > 0 and e.batch_size > 0,
+        "eval.num_generate must be >= 0, eval.max_new_tokens and eval.batch_size > 0",
+    )
     _require(e.max_loss_examples >= 0, "eval.max_loss_examples must be >= 0")
 
 
@@ -348,8 +370,10 @@ def config_help() -> str:
             if dataclasses.is_dataclass(value):
                 walk(value, prefix + f.name + ".")
             else:
-                lines.append(f"{prefix + f.name} = {value!r}  [{_type_name(hints[f.name])}]"
-                             f"\n    {f.metadata.get('help', '')}")
+                lines.append(
+                    f"{prefix + f.name} = {value!r}  [{_type_name(hints[f.name])}]"
+                    f"\n    {f.metadata.get('help', '')}"
+                )
 
     walk(RunConfig(), "")
     return "\n".join(lines)

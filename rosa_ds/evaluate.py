@@ -24,8 +24,15 @@ def _forward_count(n_items: int, per_batch: int, world: int) -> int:
 
 
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, examples: list[dict[str, list[int]]], micro_batch: int,
-                 pad_id: int, rank: int, world: int, max_examples: int = 0) -> dict[str, float]:
+def heldout_loss(
+    model: torch.nn.Module,
+    examples: list[dict[str, list[int]]],
+    micro_batch: int,
+    pad_id: int,
+    rank: int,
+    world: int,
+    max_examples: int = 0,
+) -> dict[str, float]:
     """Token-weighted mean loss over the held-out examples, and its perplexity."""
     was_training = model.training
     model.eval()
@@ -52,10 +59,20 @@ def heldout_loss(model: torch.nn.Module, examples: list[dict[str, list[int]]], m
 
 
 @torch.no_grad()
-def task_metric(model: torch.nn.Module, tokenizer: Any, records: list[dict[str, str]],
-                metric: str, *, num: int, batch_size: int, max_new_tokens: int,
-                use_chat_template: bool, rank: int, world: int, synced: bool
-                ) -> tuple[float, list[dict[str, Any]]]:
+def task_metric(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: list[dict[str, str]],
+    metric: str,
+    *,
+    num: int,
+    batch_size: int,
+    max_new_tokens: int,
+    use_chat_template: bool,
+    rank: int,
+    world: int,
+    synced: bool,
+) -> tuple[float, list[dict[str, Any]]]:
     """Fraction of ``num`` held-out records answered correctly by greedy generation.
 
     Returns the score and this rank's scored samples (prompt, prediction, correct).
@@ -77,11 +94,16 @@ def task_metric(model: torch.nn.Module, tokenizer: Any, records: list[dict[str, 
         prompts = [prompt_ids(tokenizer, r["prompt"], use_chat_template) for r in chunk]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
-                            device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, use_cache=True,
-                             synced_gpus=synced)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            use_cache=True,
+            synced_gpus=synced,
+        )
         if not real:
             continue
         for rec, seq in zip(chunk, out[:, width:], strict=True):

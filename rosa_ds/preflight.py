@@ -40,20 +40,28 @@ def check_output_dir(output_dir: str, resume: bool) -> None:
     """The output directory can be created and written, and holds no other run unless resuming."""
     path = Path(output_dir).expanduser()
     if path.exists() and not path.is_dir():
-        raise UserError(f"output_dir {output_dir} exists and is not a directory; "
-                        "set output_dir to a folder path")
+        raise UserError(
+            f"output_dir {output_dir} exists and is not a directory; "
+            "set output_dir to a folder path"
+        )
     probe = path
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"output_dir {output_dir} cannot be created: {probe} is a file; "
-                        "set output_dir to a folder path")
+        raise UserError(
+            f"output_dir {output_dir} cannot be created: {probe} is a file; "
+            "set output_dir to a folder path"
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"output_dir {output_dir} is not writable ({probe} denies writing); "
-                        "choose a folder you can write to")
+        raise UserError(
+            f"output_dir {output_dir} is not writable ({probe} denies writing); "
+            "choose a folder you can write to"
+        )
     if not resume and checkpoint_root(path).is_dir() and any(checkpoint_root(path).iterdir()):
-        raise UserError(f"output_dir {output_dir} already holds a run; pass --resume to continue "
-                        "it or choose another output_dir")
+        raise UserError(
+            f"output_dir {output_dir} already holds a run; pass --resume to continue "
+            "it or choose another output_dir"
+        )
 
 
 def find_resume(output_dir: str, resume: str | None) -> Path | None:
@@ -64,8 +72,10 @@ def find_resume(output_dir: str, resume: str | None) -> Path | None:
         return where
     found = latest_checkpoint(where)
     if found is None:
-        raise UserError(f"no complete checkpoint in {where} to resume from; drop --resume to "
-                        "start a new run or point --resume at a checkpoint")
+        raise UserError(
+            f"no complete checkpoint in {where} to resume from; drop --resume to "
+            "start a new run or point --resume at a checkpoint"
+        )
     return found
 
 
@@ -106,15 +116,27 @@ def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
     check_targets(cfg, hf_config)
     data = load_task_data(cfg.data)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    train_examples = tokenize_records(data.train, tokenizer, cfg.data.max_length,
-                                      cfg.data.chat_template)
-    eval_examples = tokenize_records(data.eval, tokenizer, cfg.data.max_length,
-                                     cfg.data.chat_template)
+    train_examples = tokenize_records(
+        data.train, tokenizer, cfg.data.max_length, cfg.data.chat_template
+    )
+    eval_examples = tokenize_records(
+        data.eval, tokenizer, cfg.data.max_length, cfg.data.chat_template
+    )
     if cfg.data.packing:
         train_examples = pack(train_examples, cfg.data.max_length)
     if training and len(train_examples) < t.global_batch_size:
-        raise UserError(f"dataset {cfg.data.dataset} gives {len(train_examples)} training "
-                        f"sequences, fewer than one global batch ({t.global_batch_size}); add "
-                        "data or lower train.global_batch_size")
-    return Prepared(model_path, hf_config, tokenizer, data, train_examples, eval_examples,
-                    resume_from, placement.world_size)
+        raise UserError(
+            f"dataset {cfg.data.dataset} gives {len(train_examples)} training "
+            f"sequences, fewer than one global batch ({t.global_batch_size}); add "
+            "data or lower train.global_batch_size"
+        )
+    return Prepared(
+        model_path,
+        hf_config,
+        tokenizer,
+        data,
+        train_examples,
+        eval_examples,
+        resume_from,
+        placement.world_size,
+    )

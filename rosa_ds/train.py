@@ -40,19 +40,34 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
-def evaluate_all(cfg: RunConfig, built: Built, prep: Prepared, with_metric: bool
-                 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def evaluate_all(
+    cfg: RunConfig, built: Built, prep: Prepared, with_metric: bool
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     p = built.placement
     pad = built.tokenizer.pad_token_id
-    results = heldout_loss(built.model, prep.eval_examples, cfg.train.micro_batch_size, pad,
-                           p.rank, p.world_size, cfg.eval.max_loss_examples)
+    results = heldout_loss(
+        built.model,
+        prep.eval_examples,
+        cfg.train.micro_batch_size,
+        pad,
+        p.rank,
+        p.world_size,
+        cfg.eval.max_loss_examples,
+    )
     samples: list[dict[str, Any]] = []
     if with_metric and prep.data.metric != "none" and cfg.eval.num_generate:
         value, samples = task_metric(
-            built.model, built.tokenizer, prep.data.eval, prep.data.metric,
-            num=cfg.eval.num_generate, batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens, use_chat_template=cfg.data.chat_template,
-            rank=p.rank, world=p.world_size, synced=built.zero_stage == 3 and p.world_size > 1,
+            built.model,
+            built.tokenizer,
+            prep.data.eval,
+            prep.data.metric,
+            num=cfg.eval.num_generate,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            use_chat_template=cfg.data.chat_template,
+            rank=p.rank,
+            world=p.world_size,
+            synced=built.zero_stage == 3 and p.world_size > 1,
         )
         results[prep.data.metric] = value
     return results, samples
@@ -77,8 +92,14 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
     engine, p = built.engine, built.placement
     main = p.rank == 0
     out = Path(cfg.output_dir)
-    sampler = GlobalBatchSampler(len(prep.train_examples), cfg.train.global_batch_size,
-                                 cfg.train.micro_batch_size, p.rank, p.world_size, cfg.seed)
+    sampler = GlobalBatchSampler(
+        len(prep.train_examples),
+        cfg.train.global_batch_size,
+        cfg.train.micro_batch_size,
+        p.rank,
+        p.world_size,
+        cfg.seed,
+    )
     log = MetricsLog(out, enabled=main)
     write_adapter = adapter_writer(cfg, built)
     start, history = 0, {}
@@ -94,8 +115,14 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
         log.log(0, **before)
     device = engine.device
     pad = built.tokenizer.pad_token_id
-    bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not main, desc="train",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=start,
+        disable=not main,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     t0 = time.time()
     losses: list[float] = history.get("losses", [])
     last_saved = start if prep.resume_from is not None else -1
@@ -118,23 +145,38 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
         if done % cfg.train.log_every == 0:
             norm = engine.get_global_grad_norm()
-            log.log(done, loss=step_loss, lr=lr,
-                    grad_norm=float(norm) if norm is not None else float("nan"))
+            log.log(
+                done,
+                loss=step_loss,
+                lr=lr,
+                grad_norm=float(norm) if norm is not None else float("nan"),
+            )
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
             mid, _ = evaluate_all(cfg, built, prep, with_metric=False)
             log.log(done, **mid)
         if cfg.train.save_every and done % cfg.train.save_every == 0:
             history["losses"] = losses
-            save_checkpoint(engine, out, done, {"step": done, "history": history},
-                            write_adapter, cfg.train.keep_checkpoints)
+            save_checkpoint(
+                engine,
+                out,
+                done,
+                {"step": done, "history": history},
+                write_adapter,
+                cfg.train.keep_checkpoints,
+            )
             last_saved = done
     bar.close()
     elapsed = time.time() - t0
     history["losses"] = losses
     if last_saved != cfg.train.max_steps:
-        ckpt = save_checkpoint(engine, out, cfg.train.max_steps,
-                               {"step": cfg.train.max_steps, "history": history},
-                               write_adapter, cfg.train.keep_checkpoints)
+        ckpt = save_checkpoint(
+            engine,
+            out,
+            cfg.train.max_steps,
+            {"step": cfg.train.max_steps, "history": history},
+            write_adapter,
+            cfg.train.keep_checkpoints,
+        )
     else:
         ckpt = out / "checkpoints" / f"step-{cfg.train.max_steps:06d}"
     write_adapter(out / "adapter")
@@ -174,8 +216,9 @@ def evaluate(cfg: RunConfig, adapter_dir: str | None) -> dict[str, Any]:
     if adapter_dir is not None:
         state, _ = load_adapter(adapter_dir)
     quiet_libraries()
-    built = build_engine(cfg, prep.model_path, prep.tokenizer, prep.hidden_size, training=False,
-                         adapter_state=state)
+    built = build_engine(
+        cfg, prep.model_path, prep.tokenizer, prep.hidden_size, training=False, adapter_state=state
+    )
     with torch.no_grad():
         results, samples = evaluate_all(cfg, built, prep, with_metric=True)
     return {"adapter": adapter_dir, **results, "samples": samples[:3]}

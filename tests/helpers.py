@@ -35,31 +35,57 @@ def free_port() -> int:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env
 
 
-def launch(args: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 600,
-           env: dict[str, str] | None = None, cwd: Path | None = None
-           ) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str],
+    nproc: int = 1,
+    launcher: str = "python",
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``rosa-ds ARGS`` as ``nproc`` ranks through a real launcher."""
     entry = str(REPO / "launcher" / "main.py")
     if launcher == "python":
         cmd = [sys.executable, "-m", "rosa_ds.cli", *args]
     elif launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-               entry, *args]
+        cmd = [
+            str(BIN / "torchrun"),
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            entry,
+            *args,
+        ]
     elif launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-               str(free_port()), entry, *args]
+        cmd = [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            entry,
+            *args,
+        ]
     else:
         raise ValueError(launcher)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=env or child_env(), cwd=cwd or REPO)
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or child_env(),
+        cwd=cwd or REPO,
+    )
 
 
 def train_ok(args: list[str], **kw) -> dict:
@@ -68,5 +94,3 @@ def train_ok(args: list[str], **kw) -> dict:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = next(a.split("=", 1)[1] for a in args if a.startswith("output_dir="))
     return json.loads((Path(out) / "summary.json").read_text())
-
-

@@ -76,9 +76,13 @@ def test_all_linear_skips_lm_head_and_patterns_select():
     names = find_targets(model, AdapterConfig(targets=["all-linear"]))
     assert "lm_head" not in names and len(names) == 6
     assert find_targets(model, AdapterConfig(targets=["q_proj"])) == [
-        "layers.0.q_proj", "layers.1.q_proj"]
+        "layers.0.q_proj",
+        "layers.1.q_proj",
+    ]
     assert find_targets(model, AdapterConfig(targets=[r"layers\.1\..*_proj"])) == [
-        "layers.1.q_proj", "layers.1.v_proj"]
+        "layers.1.q_proj",
+        "layers.1.v_proj",
+    ]
 
 
 def test_pattern_matching_nothing_is_an_error():

@@ -13,9 +13,18 @@ def test_named_configs_ship_and_validate():
 
 
 def test_overrides_apply_with_types():
-    cfg = load_config("tiny-lora", ["adapter.rank=4", "adapter.alpha=8", "train.lr=1e-4",
-                                    "adapter.targets=[q_proj,v_proj]", "output_dir=/tmp/x",
-                                    "train.max_steps=3", "adapter.dropout=0.1"])
+    cfg = load_config(
+        "tiny-lora",
+        [
+            "adapter.rank=4",
+            "adapter.alpha=8",
+            "train.lr=1e-4",
+            "adapter.targets=[q_proj,v_proj]",
+            "output_dir=/tmp/x",
+            "train.max_steps=3",
+            "adapter.dropout=0.1",
+        ],
+    )
     assert cfg.adapter.rank == 4 and cfg.adapter.alpha == 8.0
     assert cfg.train.lr == pytest.approx(1e-4)
     assert cfg.adapter.targets == ["q_proj", "v_proj"]
@@ -58,12 +67,20 @@ def test_broken_yaml_and_missing_file(tmp_path):
 
 def test_override_parsing_keeps_strings():
     assert parse_override("model.name_or_path=builtin:tiny-llama") == (
-        "model.name_or_path", "builtin:tiny-llama")
+        "model.name_or_path",
+        "builtin:tiny-llama",
+    )
     assert parse_override("data.eval_split=null") == ("data.eval_split", None)
 
 
 def test_help_lists_every_key():
     text = config_help()
-    for key in ("output_dir", "train.max_steps", "adapter.rank", "adapter.alpha",
-                "adapter.dropout", "adapter.targets"):
+    for key in (
+        "output_dir",
+        "train.max_steps",
+        "adapter.rank",
+        "adapter.alpha",
+        "adapter.dropout",
+        "adapter.targets",
+    ):
         assert f"\n{key} = " in "\n" + text

@@ -29,9 +29,16 @@ def test_arithmetic_answers_are_right():
         assert number_match(rec["answer"], rec["answer"])
 
 
-@pytest.mark.parametrize("pred, ok", [("so 5 + 3 = 8.\n#### 8", True), ("The answer is 8.", True),
-                                      ("#### 9", False), ("no number", False),
-                                      ("1,008 then 8", True)])
+@pytest.mark.parametrize(
+    "pred, ok",
+    [
+        ("so 5 + 3 = 8.\n#### 8", True),
+        ("The answer is 8.", True),
+        ("#### 9", False),
+        ("no number", False),
+        ("1,008 then 8", True),
+    ],
+)
 def test_number_match(pred, ok):
     assert number_match(pred, "5 + 3 = 8.\n#### 8") is ok
 
@@ -47,8 +54,11 @@ def test_sql_gold_queries_execute_and_wrong_ones_fail():
         assert sql_execution_match(f"```sql\n{rec['answer']};\n```", rec["answer"], rec["setup"])
         assert not sql_execution_match("SELECT nothing FROM nowhere", rec["answer"], rec["setup"])
     rec = next(r for r in generate("sql", 100, 11) if "COUNT(*)" in r["answer"])
-    assert not sql_execution_match("SELECT COUNT(*) + 1000 FROM " + rec["answer"].split(
-        "FROM ")[1], rec["answer"], rec["setup"])
+    assert not sql_execution_match(
+        "SELECT COUNT(*) + 1000 FROM " + rec["answer"].split("FROM ")[1],
+        rec["answer"],
+        rec["setup"],
+    )
 
 
 def _write_jsonl(path, rows):
@@ -57,7 +67,9 @@ def _write_jsonl(path, rows):
 
 
 def test_gsm8k_schema_loader_on_local_files(tmp_path):
-    rows = [{"question": r["question"], "answer": r["answer"]} for r in generate("arithmetic", 30, 1)]
+    rows = [
+        {"question": r["question"], "answer": r["answer"]} for r in generate("arithmetic", 30, 1)
+    ]
     folder = tmp_path / "gsm8k"
     folder.mkdir()
     _write_jsonl(folder / "train.jsonl", rows[:25])
@@ -83,8 +95,9 @@ def test_sql_context_loader_parquet_and_holdout(tmp_path):
 
 
 def test_missing_and_empty_fields_are_user_errors(tmp_path):
-    path = _write_jsonl(tmp_path / "a.jsonl", [{"prompt": "hi", "response": "yo"},
-                                               {"prompt": "hi", "response": ""}])
+    path = _write_jsonl(
+        tmp_path / "a.jsonl", [{"prompt": "hi", "response": "yo"}, {"prompt": "hi", "response": ""}]
+    )
     with pytest.raises(UserError, match="empty field 'response'"):
         load_task_data(DataConfig(dataset=path))
     path = _write_jsonl(tmp_path / "b.jsonl", [{"prompt": "hi", "reply": "yo"}] * 3)
@@ -119,7 +132,11 @@ def test_pack_and_collate():
     batch = collate(exs[:2], pad_id=0)
     assert batch["input_ids"].shape == (2, 4)
     assert batch["labels"][0, 3].item() == IGNORE and batch["attention_mask"][0].tolist() == [
-        1, 1, 1, 0]
+        1,
+        1,
+        1,
+        0,
+    ]
 
 
 @pytest.mark.parametrize("world", [2, 4])

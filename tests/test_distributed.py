@@ -11,13 +11,19 @@ import torch
 from safetensors.torch import load_file
 
 from rosa_ds.checkpoint import LATEST, checkpoint_root, latest_checkpoint, tag_for
-
 from tests.helpers import train_ok
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-COMMON = ["--config", "tiny-lora", "train.max_steps=8", "train.save_every=4",
-          "train.keep_checkpoints=3", "train.lr=1e-2", "eval.num_generate=4"]
+COMMON = [
+    "--config",
+    "tiny-lora",
+    "train.max_steps=8",
+    "train.save_every=4",
+    "train.keep_checkpoints=3",
+    "train.lr=1e-2",
+    "eval.num_generate=4",
+]
 
 
 def _first_last(losses: list[float]) -> tuple[float, float]:
@@ -27,8 +33,9 @@ def _first_last(losses: list[float]) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("z3") / "run"
-    summary = train_ok([*COMMON, f"output_dir={out}", "deepspeed.config=zero3"],
-                       nproc=2, launcher="torchrun")
+    summary = train_ok(
+        [*COMMON, f"output_dir={out}", "deepspeed.config=zero3"], nproc=2, launcher="torchrun"
+    )
     return out, summary
 
 
@@ -41,8 +48,9 @@ def single_run(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_zero2_two_ranks_deepspeed_launcher_loss_decreases(tmp_path):
     out = tmp_path / "run"
-    summary = train_ok([*COMMON, f"output_dir={out}", "deepspeed.config=zero2"],
-                       nproc=2, launcher="deepspeed")
+    summary = train_ok(
+        [*COMMON, f"output_dir={out}", "deepspeed.config=zero2"], nproc=2, launcher="deepspeed"
+    )
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2
     first, last = _first_last(summary["losses"])
     assert last < first - 0.1, summary["losses"]
@@ -59,8 +67,9 @@ def test_zero3_two_ranks_loss_decreases(zero3_run):
 def test_zero3_matches_single_process(zero3_run, single_run):
     (z3_dir, z3), (one_dir, one) = zero3_run, single_run
     assert one["world_size"] == 1
-    torch.testing.assert_close(torch.tensor(z3["losses"]), torch.tensor(one["losses"]),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(z3["losses"]), torch.tensor(one["losses"]), rtol=1e-4, atol=1e-5
+    )
     a = load_file(str(z3_dir / "adapter" / "adapter.safetensors"))
     b = load_file(str(one_dir / "adapter" / "adapter.safetensors"))
     assert a.keys() == b.keys() and len(a) == 2 * 7 * 2  # 7 linear layers x 2 blocks, A and B
@@ -91,11 +100,15 @@ def test_zero3_resume_continues_the_same_losses(zero3_run, tmp_path):
     (root / LATEST).write_text(tag_for(4))
     (out / "summary.json").unlink()
     assert latest_checkpoint(out) == root / tag_for(4)
-    resumed = train_ok([*COMMON, f"output_dir={out}", "deepspeed.config=zero3", "--resume"],
-                       nproc=2, launcher="torchrun")
+    resumed = train_ok(
+        [*COMMON, f"output_dir={out}", "deepspeed.config=zero3", "--resume"],
+        nproc=2,
+        launcher="torchrun",
+    )
     assert resumed["resumed_from"] == 4 and len(resumed["losses"]) == 8
-    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"]),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(resumed["losses"]), torch.tensor(full["losses"]), rtol=1e-5, atol=1e-6
+    )
     a = load_file(str(out / "adapter" / "adapter.safetensors"))
     b = load_file(str(src / "adapter" / "adapter.safetensors"))
     for key in a:

@@ -29,14 +29,17 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         except re.error as exc:
             raise UserError(f"adapter pattern {pattern!r} is not a valid regex: {exc}") from None
     chosen = [
-        n for n in linear
+        n
+        for n in linear
         if any(p == ALL_LINEAR or _matches(n, p) for p in cfg.targets)
         and not any(_matches(n, p) for p in cfg.exclude)
     ]
     if not chosen:
         examples = ", ".join(sorted({n.split(".")[-1] for n in linear})[:8])
-        raise UserError(f"adapter.targets {cfg.targets} matched no linear module (minus exclude "
-                        f"{cfg.exclude}); this model's linear layers end in: {examples}")
+        raise UserError(
+            f"adapter.targets {cfg.targets} matched no linear module (minus exclude "
+            f"{cfg.exclude}); this model's linear layers end in: {examples}"
+        )
     return chosen
 
 

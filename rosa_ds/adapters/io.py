@@ -131,8 +131,10 @@ def load_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     folder = Path(folder)
     meta_path, file_path = folder / ADAPTER_META, folder / ADAPTER_FILE
     if not meta_path.is_file() or not file_path.is_file():
-        raise UserError(f"{folder} is not a rosa-ds adapter (needs {ADAPTER_META} and "
-                        f"{ADAPTER_FILE}); point to a run's adapter/ folder")
+        raise UserError(
+            f"{folder} is not a rosa-ds adapter (needs {ADAPTER_META} and "
+            f"{ADAPTER_FILE}); point to a run's adapter/ folder"
+        )
     try:
         meta = json.loads(meta_path.read_text())
         state = load_file(str(file_path))
@@ -148,14 +150,18 @@ def apply_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
     if set(state) != expected:
         missing = sorted(expected - set(state))[:3]
         extra = sorted(set(state) - expected)[:3]
-        raise UserError(f"adapter does not match the model (missing {missing}, unexpected "
-                        f"{extra}); use the adapter with the base model and targets it was "
-                        "trained on")
+        raise UserError(
+            f"adapter does not match the model (missing {missing}, unexpected "
+            f"{extra}); use the adapter with the base model and targets it was "
+            "trained on"
+        )
     for key, value in state.items():
         module, attr = key.rsplit(".", 1)
         param = getattr(modules[module], attr)
         if tuple(param.shape) != tuple(value.shape):
-            raise UserError(f"adapter tensor {key} has shape {tuple(value.shape)} but the model "
-                            f"expects {tuple(param.shape)}; check adapter.rank and the base model")
+            raise UserError(
+                f"adapter tensor {key} has shape {tuple(value.shape)} but the model "
+                f"expects {tuple(param.shape)}; check adapter.rank and the base model"
+            )
         with torch.no_grad():
             param.copy_(value.to(param.dtype))

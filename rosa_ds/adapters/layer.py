@@ -48,4 +48,6 @@ class AdaptedLinear(nn.Module):
         return self.scale * (self.lora_B.float() @ self.lora_A.float())
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+        )

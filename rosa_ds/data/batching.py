@@ -18,12 +18,21 @@ from rosa_ds.data.tokenize import IGNORE
 
 
 class GlobalBatchSampler:
-    def __init__(self, num_examples: int, global_batch: int, micro_batch: int, rank: int,
-                 world: int, seed: int) -> None:
+    def __init__(
+        self,
+        num_examples: int,
+        global_batch: int,
+        micro_batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+    ) -> None:
         if global_batch % (micro_batch * world):
             raise ValueError("global_batch must be a multiple of micro_batch * world")
         if num_examples < global_batch:
-            raise ValueError(f"{num_examples} examples cannot fill a global batch of {global_batch}")
+            raise ValueError(
+                f"{num_examples} examples cannot fill a global batch of {global_batch}"
+            )
         self.num_examples = num_examples
         self.global_batch = global_batch
         self.micro_batch = micro_batch

@@ -59,27 +59,35 @@ def detect_format(columns: list[str], source: str) -> str:
     for fmt in ("sql_context", "prompt_response", "gsm8k"):
         if all(c in columns for c in FORMAT_FIELDS[fmt]):
             return fmt
-    raise UserError(f"dataset {source} has fields {sorted(columns)}, which match no known format; "
-                    "give it prompt+response, question+answer (gsm8k) or question+context+answer "
-                    "(sql_context) fields, or set data.format")
+    raise UserError(
+        f"dataset {source} has fields {sorted(columns)}, which match no known format; "
+        "give it prompt+response, question+answer (gsm8k) or question+context+answer "
+        "(sql_context) fields, or set data.format"
+    )
 
 
 def _check_rows(rows: list[dict[str, Any]], fmt: str, source: str, split: str) -> None:
     if not rows:
-        raise UserError(f"dataset {source} has no examples in split {split}; "
-                        "give a dataset with at least one record")
+        raise UserError(
+            f"dataset {source} has no examples in split {split}; "
+            "give a dataset with at least one record"
+        )
     needed = FORMAT_FIELDS[fmt]
     for i, row in enumerate(rows):
         for name in needed:
             value = row.get(name)
             if value is None or (isinstance(value, str) and not value.strip()):
                 what = "lacks" if name not in row or value is None else "has an empty"
-                raise UserError(f"dataset {source} record {i} of split {split} {what} field "
-                                f"{name!r} (format {fmt} needs {', '.join(needed)}); fix the "
-                                "data or set data.format")
+                raise UserError(
+                    f"dataset {source} record {i} of split {split} {what} field "
+                    f"{name!r} (format {fmt} needs {', '.join(needed)}); fix the "
+                    "data or set data.format"
+                )
             if not isinstance(value, str):
-                raise UserError(f"dataset {source} record {i} field {name!r} must be text, "
-                                f"got {type(value).__name__}")
+                raise UserError(
+                    f"dataset {source} record {i} field {name!r} must be text, "
+                    f"got {type(value).__name__}"
+                )
 
 
 def _local_files(path: Path) -> dict[str, list[str]]:
@@ -109,19 +117,21 @@ def _load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], str]
             files = _local_files(path)
             builder = FILE_BUILDERS[Path(next(iter(files.values()))[0]).suffix]
             loaded = datasets.load_dataset(builder, data_files=files)
-        elif cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.endswith(
-            tuple(FILE_BUILDERS)
-        ):
-            raise UserError(f"dataset {cfg.dataset} does not exist; set data.dataset to a file, "
-                            f"a folder, a hub id or one of: {', '.join(GENERATORS)}")
+        elif cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.endswith(tuple(FILE_BUILDERS)):
+            raise UserError(
+                f"dataset {cfg.dataset} does not exist; set data.dataset to a file, "
+                f"a folder, a hub id or one of: {', '.join(GENERATORS)}"
+            )
         else:
             loaded = datasets.load_dataset(cfg.dataset, cfg.subset)
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable or missing data
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"dataset {cfg.dataset} cannot be loaded ({first}); check the path, "
-                        "the file's contents, or go online for hub ids") from None
+        raise UserError(
+            f"dataset {cfg.dataset} cannot be loaded ({first}); check the path, "
+            "the file's contents, or go online for hub ids"
+        ) from None
     return {name: list(split) for name, split in loaded.items()}, cfg.dataset
 
 
@@ -131,14 +141,19 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         fmt = GENERATOR_FORMAT[cfg.dataset]
         train_rows = generate(cfg.dataset, cfg.num_train, cfg.seed)
         seen = {r["question"] for r in train_rows}
-        eval_rows = [r for r in generate(cfg.dataset, cfg.num_eval * 4, cfg.seed + 1)
-                     if r["question"] not in seen][: cfg.num_eval]
+        eval_rows = [
+            r
+            for r in generate(cfg.dataset, cfg.num_eval * 4, cfg.seed + 1)
+            if r["question"] not in seen
+        ][: cfg.num_eval]
         source = f"generator {cfg.dataset}"
     else:
         splits, source = _load_splits(cfg)
         if cfg.train_split not in splits:
-            raise UserError(f"dataset {source} has no split {cfg.train_split!r} (it has "
-                            f"{', '.join(splits)}); set data.train_split")
+            raise UserError(
+                f"dataset {source} has no split {cfg.train_split!r} (it has "
+                f"{', '.join(splits)}); set data.train_split"
+            )
         train_rows = splits[cfg.train_split]
         columns = sorted({k for row in train_rows[:100] for k in row})
         fmt = cfg.format if cfg.format != "auto" else detect_format(columns, source)

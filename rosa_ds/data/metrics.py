@@ -37,8 +37,10 @@ def extract_sql(text: str) -> str:
 
 
 def _run(conn: sqlite3.Connection, sql: str) -> list[tuple]:
-    return [tuple(round(v, 6) if isinstance(v, float) else v for v in row)
-            for row in conn.execute(sql).fetchall()]
+    return [
+        tuple(round(v, 6) if isinstance(v, float) else v for v in row)
+        for row in conn.execute(sql).fetchall()
+    ]
 
 
 def sql_execution_match(prediction: str, reference: str, setup: str) -> bool:

@@ -14,10 +14,40 @@ from collections.abc import Callable
 
 Record = dict[str, str]
 
-NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena",
-         "Max", "Nora", "Omar", "Pia", "Ravi", "Sara", "Tom", "Uma", "Zoe"]
-ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "cards",
-         "shells", "stamps"]
+NAMES = [
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Dan",
+    "Emma",
+    "Finn",
+    "Grace",
+    "Hugo",
+    "Iris",
+    "Jack",
+    "Lena",
+    "Max",
+    "Nora",
+    "Omar",
+    "Pia",
+    "Ravi",
+    "Sara",
+    "Tom",
+    "Uma",
+    "Zoe",
+]
+ITEMS = [
+    "apples",
+    "marbles",
+    "stickers",
+    "books",
+    "coins",
+    "pencils",
+    "cookies",
+    "cards",
+    "shells",
+    "stamps",
+]
 
 
 def _arithmetic_problem(rng: random.Random) -> Record:
@@ -42,8 +72,10 @@ def _arithmetic_problem(rng: random.Random) -> Record:
         steps, ans = f"{a} / {b} = {a // b}", a // b
     else:
         c = rng.randint(1, min(a + b - 1, 20))
-        q = (f"{name} has {a} {item}, finds {b} more and then loses {c}. "
-             f"How many {item} does {name} have?")
+        q = (
+            f"{name} has {a} {item}, finds {b} more and then loses {c}. "
+            f"How many {item} does {name} have?"
+        )
         steps, ans = f"{a} + {b} = {a + b}, and {a + b} - {c} = {a + b - c}", a + b - c
     return {"question": q, "answer": f"{steps}.\n#### {ans}"}
 
@@ -75,14 +107,15 @@ def _sql_problem(rng: random.Random) -> Record:
     spec = TABLES[table]
     cols = list(spec)
     name_col, cat_col, num1, num2 = cols
-    ddl = (f"CREATE TABLE {table} ({name_col} TEXT, {cat_col} TEXT, "
-           f"{num1} INTEGER, {num2} INTEGER)")
+    ddl = f"CREATE TABLE {table} ({name_col} TEXT, {cat_col} TEXT, {num1} INTEGER, {num2} INTEGER)"
     rows = []
     for name in rng.sample(spec[name_col], rng.randint(5, 8)):
-        rows.append((name, rng.choice(spec[cat_col]), rng.randint(*spec[num1]),
-                     rng.randint(*spec[num2])))
-    inserts = "; ".join(f"INSERT INTO {table} VALUES ('{r[0]}', '{r[1]}', {r[2]}, {r[3]})"
-                        for r in rows)
+        rows.append(
+            (name, rng.choice(spec[cat_col]), rng.randint(*spec[num1]), rng.randint(*spec[num2]))
+        )
+    inserts = "; ".join(
+        f"INSERT INTO {table} VALUES ('{r[0]}', '{r[1]}', {r[2]}, {r[3]})" for r in rows
+    )
     num = rng.choice([num1, num2])
     cat = rng.choice(spec[cat_col])
     threshold = rng.choice(rows)[cols.index(num)]

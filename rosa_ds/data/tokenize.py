@@ -22,12 +22,14 @@ def prompt_text(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
 
 
 def prompt_ids(tokenizer: Any, prompt: str, use_chat_template: bool) -> list[int]:
-    return tokenizer(prompt_text(tokenizer, prompt, use_chat_template),
-                     add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt_text(tokenizer, prompt, use_chat_template), add_special_tokens=False)[
+        "input_ids"
+    ]
 
 
-def tokenize_records(records: list[dict[str, str]], tokenizer: Any, max_length: int,
-                     use_chat_template: bool) -> list[dict[str, list[int]]]:
+def tokenize_records(
+    records: list[dict[str, str]], tokenizer: Any, max_length: int, use_chat_template: bool
+) -> list[dict[str, list[int]]]:
     """``input_ids`` and ``labels`` per record; records whose response is cut off entirely by
     ``max_length`` are dropped (they would carry no loss)."""
     out = []

@@ -1,0 +1,139 @@
+"""Bad input through the real command line: one line naming the problem, exit code 2, no
+traceback, and nothing written or overwritten."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import child_env, launch
+
+
+def _snapshot(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*")}
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _case(name: str, tmp: Path) -> tuple[list[str], dict[str, str], str]:
+    """(arguments, extra environment, expected words in the message) for each case."""
+    out = f"output_dir={tmp / 'out'}"
+    base = ["train", "--config", "tiny-lora", out]
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(20)]
+    if name == "unknown_key":
+        return [*base, "adapter.rnak=4"], {}, "unknown config key adapter.rnak"
+    if name == "wrong_type":
+        return [*base, "train.max_steps=ten"], {}, "train.max_steps must be an integer"
+    if name == "rank_zero":
+        return [*base, "adapter.rank=0"], {}, "adapter.rank must be > 0"
+    if name == "negative_lr":
+        return [*base, "train.lr=-1"], {}, "train.lr must be > 0"
+    if name == "target_matches_nothing":
+        return [*base, "adapter.targets=[nothing_proj]"], {}, "matched no linear module"
+    if name == "model_missing":
+        return [*base, f"model.name_or_path={tmp / 'no-model'}"], {}, "does not exist"
+    if name == "dataset_missing":
+        return [*base, f"data.dataset={tmp / 'none.jsonl'}"], {}, "does not exist"
+    if name == "dataset_field_missing":
+        path = _jsonl(tmp / "d.jsonl", [{"prompt": r["prompt"]} for r in rows])
+        return (
+            [*base, f"data.dataset={path}", "data.format=prompt_response"],
+            {},
+            "lacks field 'response'",
+        )
+    if name == "dataset_empty_field":
+        path = _jsonl(tmp / "d.jsonl", [*rows, {"prompt": "x", "response": " "}])
+        return [*base, f"data.dataset={path}"], {}, "empty field 'response'"
+    if name == "dataset_empty":
+        (tmp / "empty.jsonl").write_text("")
+        return [*base, f"data.dataset={tmp / 'empty.jsonl'}"], {}, "empty.jsonl"
+    if name == "batch_not_divisible":
+        return (
+            [*base],
+            {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"},
+            "not divisible by train.micro_batch_size x ranks",
+        )
+    if name == "output_not_writable":
+        (tmp / "file").write_text("x")
+        return (
+            ["train", "--config", "tiny-lora", f"output_dir={tmp / 'file' / 'sub'}"],
+            {},
+            "cannot be created",
+        )
+    if name == "resume_without_checkpoint":
+        return [*base, "--resume"], {}, "no complete checkpoint"
+    if name == "broken_yaml":
+        (tmp / "bad.yaml").write_text("train: {max_steps: 3\n")
+        return ["train", "--config", str(tmp / "bad.yaml"), out], {}, "not valid YAML"
+    if name == "unknown_named_config":
+        return ["train", "--config", "tiny-lorra", out], {}, "unknown config"
+    if name == "unknown_ds_config":
+        return [*base, "deepspeed.config=zero9"], {}, "unknown DeepSpeed config"
+    if name == "too_few_examples":
+        path = _jsonl(tmp / "d.jsonl", rows[:6])
+        return [*base, f"data.dataset={path}"], {}, "fewer than one global batch"
+    if name == "eval_truncated_adapter":
+        folder = tmp / "adapter"
+        folder.mkdir()
+        (folder / "adapter.json").write_text("{}")
+        (folder / "adapter.safetensors").write_bytes(b"\x10\x00\x00")
+        return (
+            ["eval", "--config", "tiny-lora", out, "--adapter", str(folder)],
+            {},
+            "cannot be read",
+        )
+    if name == "bad_subcommand_flag":
+        return ["train", "--config", "tiny-lora", "--frobnicate"], {}, "unrecognized arguments"
+    raise ValueError(name)
+
+
+CASES = [
+    "unknown_key",
+    "wrong_type",
+    "rank_zero",
+    "negative_lr",
+    "target_matches_nothing",
+    "model_missing",
+    "dataset_missing",
+    "dataset_field_missing",
+    "dataset_empty_field",
+    "dataset_empty",
+    "batch_not_divisible",
+    "output_not_writable",
+    "resume_without_checkpoint",
+    "broken_yaml",
+    "unknown_named_config",
+    "unknown_ds_config",
+    "too_few_examples",
+    "eval_truncated_adapter",
+    "bad_subcommand_flag",
+]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_is_one_line_exit_2_nothing_written(name, tmp_path):
+    args, extra_env, words = _case(name, tmp_path)
+    before = _snapshot(tmp_path)
+    proc = launch(args, env=child_env(**extra_env))
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("rosa-ds: error:") and words in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+    assert _snapshot(tmp_path) == before
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    out = tmp_path / "out"
+    ckpt = out / "checkpoints" / "step-000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    before = _snapshot(tmp_path)
+    proc = launch(["train", "--config", "tiny-lora", f"output_dir={out}"])
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert _snapshot(tmp_path) == before
