@@ -73,6 +73,19 @@ def evaluate_all(
     return results, samples
 
 
+def parameter_elements(model: torch.nn.Module) -> tuple[int, int]:
+    """Parameter elements this rank holds, and the model's total (they differ under ZeRO-3)."""
+    local = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            local += p.numel()
+            total += p.numel()
+    return local, total
+
+
 def adapter_writer(cfg: RunConfig, built: Built):
     """A function that gathers the adapter (every rank) and writes it (rank 0) into a folder."""
 
@@ -184,12 +197,15 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
     history["after"] = after
     log.log(cfg.train.max_steps, **{f"final_{k}": v for k, v in after.items()})
     log.close()
+    local, total = parameter_elements(built.model)
     summary = {
         "steps": cfg.train.max_steps,
         "resumed_from": start,
         "train_seconds": round(elapsed, 2),
         "world_size": p.world_size,
         "zero_stage": built.zero_stage,
+        "param_elements_local": local,
+        "param_elements_total": total,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "losses": losses,

@@ -52,6 +52,7 @@ def test_zero2_two_ranks_deepspeed_launcher_loss_decreases(tmp_path):
         [*COMMON, f"output_dir={out}", "deepspeed.config=zero2"], nproc=2, launcher="deepspeed"
     )
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2
+    assert summary["param_elements_local"] == summary["param_elements_total"]
     first, last = _first_last(summary["losses"])
     assert last < first - 0.1, summary["losses"]
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
@@ -60,6 +61,9 @@ def test_zero2_two_ranks_deepspeed_launcher_loss_decreases(tmp_path):
 def test_zero3_two_ranks_loss_decreases(zero3_run):
     _, summary = zero3_run
     assert summary["world_size"] == 2 and summary["zero_stage"] == 3
+    # Partitioned: each rank holds about half of the parameters (tiny ones stay whole).
+    share = summary["param_elements_local"] / summary["param_elements_total"]
+    assert 0.45 < share < 0.6, share
     first, last = _first_last(summary["losses"])
     assert last < first - 0.1, summary["losses"]
 
@@ -113,3 +117,26 @@ def test_zero3_resume_continues_the_same_losses(zero3_run, tmp_path):
     b = load_file(str(src / "adapter" / "adapter.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_zero3_cpu_offload_bf16_two_ranks(tmp_path):
+    out = tmp_path / "run"
+    summary = train_ok(
+        [
+            "--config",
+            "tiny-lora",
+            f"output_dir={out}",
+            "deepspeed.config=zero3_offload",
+            "train.precision=bf16",
+            "train.max_steps=6",
+            "train.lr=1e-2",
+            "eval.num_generate=0",
+        ],
+        nproc=2,
+        launcher="torchrun",
+    )
+    assert summary["zero_stage"] == 3
+    first, last = _first_last(summary["losses"])
+    assert last < first - 0.1, summary["losses"]
+    state = load_file(str(out / "adapter" / "adapter.safetensors"))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values())

@@ -84,3 +84,16 @@ def test_peft_export_loads_in_peft(exported, tiny_model_path):
     with torch.no_grad():
         got = model(torch.tensor([ids])).logits
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_command_reproduces_the_final_evaluation(exported):
+    """`rosa-ds eval` on the saved adapter gives the loss the run measured at its end."""
+    summary = json.loads((exported / "summary.json").read_text())
+    proc = launch(
+        ["eval", "--config", "tiny-lora", f"output_dir={exported}", "eval.num_generate=0"]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert result["adapter"] == str(exported / "adapter")
+    assert abs(result["eval_loss"] - summary["after"]["eval_loss"]) < 1e-4
+    assert result["eval_loss"] < summary["before"]["eval_loss"] - 1e-3
