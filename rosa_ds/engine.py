@@ -57,6 +57,9 @@ def build_engine(
 
     placement = init_distributed(cfg.deepspeed.backend)
     ds_config = build_ds_config(cfg, placement.world_size, hidden_size)
+    if not training and zero_stage(ds_config) in (1, 2):
+        # ZeRO-1/2 shard optimizer state only; with no optimizer DeepSpeed wants stage 0.
+        ds_config["zero_optimization"] = {"stage": 0}
     dtype = torch_dtype(cfg.train.precision)
     # Keeping this object alive makes from_pretrained build the model partitioned (zero.Init).
     hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841

@@ -56,6 +56,9 @@ def _materialize(name: str, build) -> Path:
     with _locked(target):
         if (target / "config.json").is_file():
             return target
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
             build(tmp)
