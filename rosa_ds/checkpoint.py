@@ -27,6 +27,7 @@ from rosa_ds.dist import barrier
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+MASK_FILE = "masks.safetensors"
 TMP_SUFFIX = ".tmp"
 
 
@@ -34,8 +35,19 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def tag_for(step: int) -> str:
-    return f"step-{step:06d}"
+def tag_for(step: int, prefix: str = "step") -> str:
+    return f"{prefix}-{step:06d}"
+
+
+def _by_age(folders) -> list[Path]:
+    """Complete checkpoints, oldest first (by when they were completed, not by step: a
+    robust-adaptation run restarts its step count after the warm-up pass)."""
+    done = [p for p in folders if is_complete(p)]
+    return sorted(done, key=lambda p: (p / STATE_FILE).stat().st_mtime_ns)
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / STATE_FILE).read_text())
 
 
 def is_complete(folder: Path) -> bool:
@@ -52,7 +64,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
         candidate = root / pointer.read_text().strip()
         if is_complete(candidate):
             return candidate
-    done = sorted(p for p in root.glob("step-*") if is_complete(p)) if root.is_dir() else []
+    done = _by_age(root.iterdir()) if root.is_dir() else []
     return done[-1] if done else None
 
 
@@ -72,15 +84,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    engine: Any, output_dir: str | Path, step: int, state: dict[str, Any], write_adapter, keep: int
+    engine: Any,
+    output_dir: str | Path,
+    step: int,
+    state: dict[str, Any],
+    write_adapter,
+    keep: int,
+    masks: dict | None = None,
+    tag_prefix: str = "step",
 ) -> Path:
     """Every rank calls this. ``write_adapter(folder)`` gathers and (on rank 0) writes the adapter."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
     root = checkpoint_root(output_dir)
-    final = root / tag_for(step)
-    tmp_tag = tag_for(step) + TMP_SUFFIX
+    final = root / tag_for(step, tag_prefix)
+    tmp_tag = tag_for(step, tag_prefix) + TMP_SUFFIX
     tmp = root / tmp_tag
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -97,6 +116,10 @@ def save_checkpoint(
     write_adapter(tmp / "adapter")
     barrier()
     if rank == 0:
+        if masks:
+            from rosa_ds.adapters.masks import save_masks
+
+            save_masks(tmp / MASK_FILE, masks)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -108,8 +131,7 @@ def save_checkpoint(
 
 
 def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step-*") if is_complete(p))
-    for old in done[:-keep]:
+    for old in _by_age(root.iterdir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -120,7 +142,7 @@ def load_checkpoint(engine: Any, folder: Path) -> dict[str, Any]:
     _, client = engine.load_checkpoint(
         str(folder.parent), tag=folder.name, load_module_strict=False
     )
-    state = json.loads((folder / STATE_FILE).read_text())
+    state = read_state(folder)
     rng_file = folder / f"rng-rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

@@ -121,7 +121,16 @@ def print_summary(s: dict) -> None:
         else:
             print(f"{key:<15} {after[key]:.4f}")
     print(f"checkpoint      {s['checkpoint']}")
-    print(f"adapter         {s['adapter']}  (PEFT format in {s['adapter']}/peft)")
+    peft = Path(s["adapter"]) / "peft"
+    print(
+        f"adapter         {s['adapter']}" + (f"  (PEFT format in {peft})" if peft.is_dir() else "")
+    )
+    if s.get("mask_nnz") is not None:
+        acc = s.get("accumulator_bytes") or {}
+        print(
+            f"sparse masks    {s['mask_nnz']} non-zeros; gradient accumulator on this rank "
+            f"{acc.get('local', 0) / 2**20:.2f} MiB of {acc.get('dense', 0) / 2**20:.2f} MiB dense"
+        )
     print(f"merged model    rosa-ds export --run {Path(s['adapter']).parent}")
 
 

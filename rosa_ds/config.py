@@ -43,8 +43,42 @@ class ModelConfig:
 
 
 @dataclass
+class RobustConfig:
+    """Robust adaptation (RoSA): how the sparse masks are chosen."""
+
+    mask_warmup_steps: int = _f(64, "Optimizer steps of LoRA alone before gradients are collected.")
+    mask_grad_steps: int = _f(
+        1, "Optimizer steps (all their micro-batches) whose frozen-weight gradients are summed."
+    )
+    grad_stat: Literal["mean_squared", "mean"] = _f(
+        "mean_squared", "Accumulate G*G (diagonal Fisher, the reference's default) or G."
+    )
+    after_mask: Literal["restart", "continue"] = _f(
+        "restart",
+        "restart: the reference's second pass (LoRA re-initialized, training from step 0 with the "
+        "mask fixed); continue: one pass, the mask joins the running training.",
+    )
+    budget: Literal["uniform", "gradient_mass"] = _f(
+        "uniform",
+        "uniform: k = round(density * numel) per matrix; gradient_mass: the same total budget "
+        "spread across matrices in proportion to their accumulated gradient mass.",
+    )
+    density_patterns: dict[str, float] = _f(
+        {}, "Per-module densities: {regex: density}, first match wins, else adapter.density."
+    )
+    warmup_rank: int = _f(
+        8,
+        "LoRA rank of the warm-up pass when adapter.rank is 0 (sparse-only): the masks need a "
+        "short warm-up, whose LoRA is then discarded.",
+    )
+    mask_file: str | None = _f(
+        None, "Load the masks from this file (written by an earlier run) instead of building them."
+    )
+
+
+@dataclass
 class AdapterConfig:
-    rank: int = _f(8, "LoRA rank r (> 0).")
+    rank: int = _f(8, "LoRA rank r (>= 0; 0 with density > 0 is sparse-only, SpA).")
     alpha: float = _f(16.0, "LoRA scale numerator: the update is (alpha / rank) * B A.")
     dropout: float = _f(0.0, "Dropout on the adapter's input, in [0, 1).")
     targets: list[str] = _f(
@@ -54,6 +88,14 @@ class AdapterConfig:
     )
     exclude: list[str] = _f(["lm_head"], "Module name patterns never adapted.")
     init_seed: int | None = _f(None, "Seed of the adapter initialization (default: the run seed).")
+    density: float = _f(
+        0.0, "Robust adaptation: fraction of each adapted weight in the sparse part, in [0, 1)."
+    )
+    robust: RobustConfig = field(default_factory=RobustConfig)
+
+    @property
+    def sparse(self) -> bool:
+        return self.density > 0 or any(d > 0 for d in self.robust.density_patterns.values())
 
 
 @dataclass
@@ -279,6 +321,12 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if value not in args:
             raise UserError(f"{key} must be {_type_name(typ)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping, got {value!r}; e.g. {key}={{q_proj: 0.01}}")
+        return {
+            _coerce(k, args[0], key): _coerce(v, args[1], f"{key}[{k}]") for k, v in value.items()
+        }
     if origin is list:
         if isinstance(value, str):
             value = [value]
@@ -316,7 +364,42 @@ def validate(cfg: RunConfig) -> None:
     """Reject impossible values with a message that says what to set instead."""
     a, t, d, e = cfg.adapter, cfg.train, cfg.data, cfg.eval
     _require(bool(cfg.output_dir.strip()), "output_dir must not be empty; set output_dir=runs/NAME")
-    _require(a.rank > 0, f"adapter.rank must be > 0, got {a.rank}; e.g. adapter.rank=8")
+    _require(a.rank >= 0, f"adapter.rank must be >= 0, got {a.rank}; e.g. adapter.rank=8")
+    _require(0 <= a.density < 1, f"adapter.density must be in [0, 1), got {a.density}")
+    for pattern, dens in a.robust.density_patterns.items():
+        _require(
+            0 <= dens < 1,
+            f"adapter.robust.density_patterns[{pattern}] must be in [0, 1), got {dens}",
+        )
+    _require(
+        a.rank > 0 or a.sparse,
+        f"adapter.rank must be > 0 unless adapter.density > 0 "
+        f"(sparse-only), got rank {a.rank}; e.g. adapter.rank=8",
+    )
+    r = a.robust
+    _require(r.mask_warmup_steps >= 0, "adapter.robust.mask_warmup_steps must be >= 0")
+    _require(r.mask_grad_steps >= 1, "adapter.robust.mask_grad_steps must be >= 1")
+    if a.sparse and a.rank == 0 and r.mask_file is None:
+        _require(
+            r.after_mask == "restart",
+            "adapter.robust.after_mask=continue needs "
+            "adapter.rank > 0 (a sparse-only run discards its warm-up LoRA); use restart",
+        )
+        _require(r.warmup_rank > 0, "adapter.robust.warmup_rank must be > 0")
+    if a.sparse:
+        _require(
+            not cfg.model.gradient_checkpointing,
+            "robust adaptation with "
+            "model.gradient_checkpointing is not supported yet (recomputation would count "
+            "gradients twice); set model.gradient_checkpointing=false",
+        )
+    if a.sparse and r.mask_file is None:
+        _require(
+            r.mask_warmup_steps + r.mask_grad_steps <= cfg.train.max_steps,
+            f"adapter.robust.mask_warmup_steps + mask_grad_steps ({r.mask_warmup_steps} + "
+            f"{r.mask_grad_steps}) is longer than the run (train.max_steps="
+            f"{cfg.train.max_steps}); shorten the warm-up or train longer",
+        )
     _require(a.alpha > 0, f"adapter.alpha must be > 0, got {a.alpha}; e.g. adapter.alpha=16")
     _require(0 <= a.dropout < 1, f"adapter.dropout must be in [0, 1), got {a.dropout}")
     _require(len(a.targets) > 0, "adapter.targets must name at least one module pattern")

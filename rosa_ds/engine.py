@@ -7,13 +7,16 @@ partitions them, so every rank holds the same initial adapter whatever the world
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from rosa_ds.adapters.inject import inject_adapters
 from rosa_ds.adapters.io import apply_adapter_state
+from rosa_ds.adapters.masks import attach_masks, check_masks
+from rosa_ds.adapters.sparse import SparseStructure
 from rosa_ds.config import RunConfig
 from rosa_ds.dist import Placement, init_distributed
 from rosa_ds.ds_config import build_ds_config, zero_stage
@@ -50,7 +53,16 @@ def build_engine(
     *,
     training: bool,
     adapter_state: dict[str, torch.Tensor] | None = None,
+    masks: dict[str, SparseStructure] | None = None,
+    rank: int | None = None,
+    start_step: int = 0,
 ) -> Built:
+    """The engine for one training pass (or evaluation).
+
+    ``masks`` attach the sparse part; ``rank`` overrides the LoRA rank (the warm-up pass of a
+    sparse-only run trains a throw-away LoRA); ``start_step`` puts the learning-rate schedule
+    where a previous pass left it.
+    """
     import deepspeed
     from transformers import get_scheduler
     from transformers.integrations import HfDeepSpeedConfig
@@ -65,9 +77,13 @@ def build_engine(
     hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
     model = load_model(model_path, cfg.model, dtype)
     torch.manual_seed(cfg.adapter.init_seed if cfg.adapter.init_seed is not None else cfg.seed)
-    adapted = inject_adapters(model, cfg.adapter)
+    adapter_cfg = cfg.adapter if rank is None else replace(cfg.adapter, rank=rank)
+    adapted = inject_adapters(model, adapter_cfg)
+    if masks is not None:
+        check_masks(masks, model, cfg.adapter)
+        attach_masks(model, masks)
     if adapter_state is not None:
-        apply_adapter_state(model, adapter_state)
+        apply_adapter_state(model, adapter_state, allow_missing_sparse=True)
     optimizer = scheduler = None
     if training:
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -83,6 +99,10 @@ def build_engine(
             num_warmup_steps=cfg.train.warmup_steps,
             num_training_steps=cfg.train.max_steps,
         )
+        with warnings.catch_warnings():  # stepping the schedule before any optimizer step
+            warnings.simplefilter("ignore")
+            for _ in range(start_step):
+                scheduler.step()
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )

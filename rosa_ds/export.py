@@ -14,6 +14,7 @@ import torch
 
 from rosa_ds.adapters.inject import adapted_modules, inject_adapters
 from rosa_ds.adapters.io import apply_adapter_state, load_adapter
+from rosa_ds.adapters.sparse import SparseStructure
 from rosa_ds.config import AdapterConfig, ModelConfig
 from rosa_ds.errors import UserError
 
@@ -47,6 +48,19 @@ def load_adapted_model(
             f"adapter in {adapter_dir} names modules this base model lacks; "
             "pass --base with the model it was trained on"
         )
+    modules = adapted_modules(model)
+    for name in meta.get("sparse_modules", []):
+        shape = (modules[name].out_features, modules[name].in_features)
+        try:
+            structure = SparseStructure.from_csr(
+                state[f"{name}.row_ptr"], state[f"{name}.col_idx"], shape
+            )
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise UserError(
+                f"adapter in {adapter_dir} has a broken mask for {name} ({exc}); "
+                "re-export it from its run"
+            ) from None
+        modules[name].attach_mask(structure)
     apply_adapter_state(model, state)
     model.eval()
     return model, tokenizer, meta

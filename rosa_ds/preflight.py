@@ -79,18 +79,28 @@ def find_resume(output_dir: str, resume: str | None) -> Path | None:
     return found
 
 
-def check_targets(cfg: RunConfig, hf_config: Any) -> list[str]:
-    """Match adapter targets on a weightless (meta-device) copy of the model."""
+def check_adapters(cfg: RunConfig, hf_config: Any) -> list[str]:
+    """Match adapter targets (and a mask file, if given) on a weightless copy of the model."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rosa_ds.adapters.inject import find_targets
+    from rosa_ds.adapters.inject import inject_adapters
+    from rosa_ds.adapters.masks import check_masks, load_masks
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(
             hf_config, trust_remote_code=cfg.model.trust_remote_code
         )
-    return find_targets(skeleton, cfg.adapter)
+        names = inject_adapters(skeleton, cfg.adapter)
+    mask_file = cfg.adapter.robust.mask_file
+    if cfg.adapter.sparse and mask_file:
+        if not Path(mask_file).is_file():
+            raise UserError(
+                f"adapter.robust.mask_file {mask_file} does not exist; give a "
+                "masks.safetensors written by an earlier run"
+            )
+        check_masks(load_masks(mask_file), skeleton, cfg.adapter)
+    return names
 
 
 def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
@@ -113,7 +123,7 @@ def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
 
     read_ds_config(cfg.deepspeed.config)
     model_path, hf_config = check_model(cfg.model)
-    check_targets(cfg, hf_config)
+    check_adapters(cfg, hf_config)
     data = load_task_data(cfg.data)
     tokenizer = load_tokenizer(model_path, cfg.model)
     train_examples = tokenize_records(

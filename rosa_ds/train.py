@@ -1,4 +1,10 @@
-"""The training loop: evaluate, train ``max_steps`` optimizer steps, checkpoint, evaluate again.
+"""The training loop and its phase schedule: evaluate, (warm up, collect, choose masks,)
+train ``max_steps`` optimizer steps, checkpoint, evaluate again.
+
+Robust adaptation adds a ``warmup`` phase before the main pass: LoRA alone for
+``mask_warmup_steps``, then ``mask_grad_steps`` steps with gradient collection, then the masks;
+the engine is rebuilt with them and training goes on from step 0 (``restart``) or from where it
+was (``continue``).
 
 Each optimizer step consumes one global batch from the step-indexed sampler (so resuming from
 step N continues with batch N); each micro-batch is a DeepSpeed ``backward`` + ``step`` (DeepSpeed
@@ -7,19 +13,23 @@ steps the optimizer and the schedule at the accumulation boundary).
 
 from __future__ import annotations
 
+import gc
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from rosa_ds.adapters.io import adapter_meta, gather_adapter_state, save_adapter
-from rosa_ds.checkpoint import load_checkpoint, save_checkpoint
+from rosa_ds.adapters.io import adapter_meta, gather_adapter_state, save_adapter, structure_state
+from rosa_ds.adapters.masks import GradientCollector, load_masks, masks_of, save_masks
+from rosa_ds.adapters.sparse import SparseStructure
+from rosa_ds.checkpoint import MASK_FILE, load_checkpoint, read_state, save_checkpoint
 from rosa_ds.config import RunConfig, dump_config
 from rosa_ds.data.batching import GlobalBatchSampler, collate
-from rosa_ds.dist import all_reduce_sum, barrier
+from rosa_ds.dist import all_reduce_sum, barrier, detect_placement
 from rosa_ds.engine import Built, build_engine
 from rosa_ds.evaluate import heldout_loss, task_metric
 from rosa_ds.preflight import Prepared, prepare
@@ -92,133 +102,265 @@ def adapter_writer(cfg: RunConfig, built: Built):
     def write(folder: Path) -> None:
         state = gather_adapter_state(built.model, has_optimizer=True)
         if built.placement.rank == 0:
+            state.update(structure_state(built.model))
             save_adapter(folder, state, adapter_meta(built.model, cfg.model.name_or_path))
 
     return write
+
+
+@dataclass
+class Progress:
+    """Where the run is: the phase, the next step, and what has been measured so far.
+
+    Phases: ``warmup`` (LoRA alone, then gradient collection; robust adaptation only) and
+    ``train`` (the main pass, with masks if there are any). Checkpoints store this.
+    """
+
+    phase: str
+    step: int
+    history: dict[str, Any] = field(default_factory=dict)
+
+    def state(self) -> dict[str, Any]:
+        return {"phase": self.phase, "step": self.step, "history": self.history}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, prep: Prepared) -> None:
+        self.cfg = cfg
+        self.prep = prep
+        self.out = Path(cfg.output_dir)
+        self.log: MetricsLog | None = None
+        self.resumed_from = 0
+
+    # --- one pass of optimizer steps -------------------------------------------------------
+    def run_steps(
+        self,
+        built: Built,
+        progress: Progress,
+        end: int,
+        *,
+        key: str,
+        collector: GradientCollector | None = None,
+        save: bool = True,
+    ) -> None:
+        cfg, prep, engine, p = self.cfg, self.prep, built.engine, built.placement
+        sampler = GlobalBatchSampler(
+            len(prep.train_examples),
+            cfg.train.global_batch_size,
+            cfg.train.micro_batch_size,
+            p.rank,
+            p.world_size,
+            cfg.seed,
+        )
+        losses = progress.history.setdefault(key, [])
+        pad = built.tokenizer.pad_token_id
+        desc = {"losses": "train", "warmup_losses": "warm-up"}.get(key, key)
+        if collector is not None:
+            desc = "collect"
+        bar = tqdm(
+            total=end,
+            initial=progress.step,
+            disable=p.rank != 0,
+            desc=desc,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        engine.train()
+        write_adapter = adapter_writer(cfg, built)
+        while progress.step < end:
+            micro = sampler.micro_batches(progress.step)
+            step_loss = 0.0
+            for indices in micro:
+                batch = collate([prep.train_examples[i] for i in indices], pad)
+                batch = {k: v.to(engine.device) for k, v in batch.items()}
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                engine.step()
+                step_loss += float(loss.detach()) / len(micro)
+            if collector is not None:
+                collector.count_micro_batch(len(micro) * p.world_size)
+            (step_loss,) = all_reduce_sum([step_loss / p.world_size])
+            losses.append(step_loss)
+            progress.step += 1
+            done = progress.step
+            lr = engine.get_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if done % cfg.train.log_every == 0:
+                norm = engine.get_global_grad_norm()
+                self.log.log(
+                    done,
+                    phase=progress.phase,
+                    loss=step_loss,
+                    lr=lr,
+                    grad_norm=float(norm) if norm is not None else float("nan"),
+                )
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < end:
+                mid, _ = evaluate_all(cfg, built, prep, with_metric=False)
+                self.log.log(done, phase=progress.phase, **mid)
+            if save and cfg.train.save_every and done % cfg.train.save_every == 0 and done < end:
+                self.save(built, progress, write_adapter)
+        bar.close()
+
+    def save(self, built: Built, progress: Progress, write_adapter=None) -> Path:
+        masks = masks_of(built.model)
+        return save_checkpoint(
+            built.engine,
+            self.out,
+            progress.step,
+            progress.state(),
+            write_adapter or adapter_writer(self.cfg, built),
+            self.cfg.train.keep_checkpoints,
+            masks=masks,
+            tag_prefix="warmup" if progress.phase == "warmup" else "step",
+        )
+
+    # --- the phase schedule ----------------------------------------------------------------
+    def build(self, progress: Progress, masks, carry) -> Built:
+        cfg, prep = self.cfg, self.prep
+        warm = progress.phase == "warmup"
+        rank = cfg.adapter.robust.warmup_rank if warm and cfg.adapter.rank == 0 else None
+        return build_engine(
+            cfg,
+            prep.model_path,
+            prep.tokenizer,
+            prep.hidden_size,
+            training=True,
+            adapter_state=carry,
+            masks=None if warm else masks,
+            rank=rank,
+            start_step=progress.step if carry is not None else 0,
+        )
+
+    def mask_phase(self, built: Built, progress: Progress) -> dict[str, SparseStructure]:
+        """Warm up LoRA, collect frozen-weight gradients, choose the masks."""
+        robust = self.cfg.adapter.robust
+        warm_end = robust.mask_warmup_steps
+        self.run_steps(built, progress, warm_end, key="warmup_losses")
+        gas = built.engine.gradient_accumulation_steps()
+        collector = GradientCollector(built.model, self.cfg.adapter, grad_scale=float(gas))
+        collector.start()
+        self.run_steps(
+            built,
+            progress,
+            warm_end + robust.mask_grad_steps,
+            key="warmup_losses",
+            collector=collector,
+            save=False,
+        )
+        collector.stop()
+        masks = collector.select(self.cfg.adapter)
+        progress.history["accumulator_bytes"] = {
+            "local": collector.local_bytes(),
+            "dense": collector.dense_bytes(),
+        }
+        progress.history["mask_nnz"] = sum(m.nnz for m in masks.values())
+        if built.placement.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_masks(self.out / MASK_FILE, masks)
+        self.log.log(
+            progress.step,
+            phase="mask",
+            mask_nnz=progress.history["mask_nnz"],
+            accumulator_bytes_local=collector.local_bytes(),
+        )
+        return masks
+
+    def run(self, resume_from: Path | None) -> dict[str, Any]:
+        cfg, prep = self.cfg, self.prep
+        robust = cfg.adapter.robust
+        masks = None
+        progress = Progress("train", 0)
+        if cfg.adapter.sparse:
+            if robust.mask_file:
+                masks = load_masks(robust.mask_file)
+            else:
+                progress.phase = "warmup"
+        if resume_from is not None:
+            state = read_state(resume_from)
+            progress = Progress(state.get("phase", "train"), state["step"], state["history"])
+            if (resume_from / MASK_FILE).is_file():
+                masks = load_masks(resume_from / MASK_FILE)
+        main = detect_placement().rank == 0
+        self.log = MetricsLog(self.out, enabled=main)
+        carry, fresh_pass = None, False
+        t0 = time.time()
+        while True:
+            built = self.build(progress, masks, carry)
+            if resume_from is not None:
+                load_checkpoint(built.engine, resume_from)
+                resume_from = None
+            elif main and not (self.out / "config.yaml").exists():
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "config.yaml").write_text(dump_config(cfg))
+            if "before" not in progress.history:
+                before, _ = evaluate_all(cfg, built, prep, with_metric=cfg.eval.before_training)
+                progress.history["before"] = before
+                self.log.log(0, **before)
+            if fresh_pass:  # the first state of the main pass is a checkpoint of its own
+                self.save(built, progress)
+            if progress.phase == "warmup":
+                masks = self.mask_phase(built, progress)
+                if robust.after_mask == "restart":
+                    carry, progress.step = None, 0
+                else:
+                    carry = gather_adapter_state(built.model, has_optimizer=True)
+                progress.phase, fresh_pass = "train", True
+                built.engine.destroy()
+                del built
+                gc.collect()
+                continue
+            self.run_steps(built, progress, cfg.train.max_steps, key="losses")
+            break
+        elapsed = time.time() - t0
+        ckpt = self.save(built, progress)
+        write_adapter = adapter_writer(cfg, built)
+        write_adapter(self.out / "adapter")
+        after, samples = evaluate_all(cfg, built, prep, with_metric=True)
+        progress.history["after"] = after
+        self.log.log(progress.step, **{f"final_{k}": v for k, v in after.items()})
+        self.log.close()
+        return self.summary(built, progress, ckpt, elapsed, samples)
+
+    def summary(
+        self, built: Built, progress: Progress, ckpt: Path, elapsed: float, samples: list
+    ) -> dict[str, Any]:
+        local, total = parameter_elements(built.model)
+        h = progress.history
+        losses = h.get("losses", [])
+        summary = {
+            "steps": self.cfg.train.max_steps,
+            "resumed_from": self.resumed_from,
+            "train_seconds": round(elapsed, 2),
+            "world_size": built.placement.world_size,
+            "zero_stage": built.zero_stage,
+            "param_elements_local": local,
+            "param_elements_total": total,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+            "losses": losses,
+            "warmup_losses": h.get("warmup_losses", []),
+            "accumulator_bytes": h.get("accumulator_bytes"),
+            "mask_nnz": h.get("mask_nnz"),
+            "before": h.get("before"),
+            "after": h.get("after"),
+            "checkpoint": str(ckpt),
+            "adapter": str(self.out / "adapter"),
+            "samples": samples[:3],
+        }
+        if built.placement.rank == 0:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        barrier()
+        return summary
 
 
 def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
     """Run (or resume) a training job; returns the summary that rank 0 prints."""
     prep = prepare(cfg, resume=resume, training=True)
     quiet_libraries()
-    built = build_engine(cfg, prep.model_path, prep.tokenizer, prep.hidden_size, training=True)
-    engine, p = built.engine, built.placement
-    main = p.rank == 0
-    out = Path(cfg.output_dir)
-    sampler = GlobalBatchSampler(
-        len(prep.train_examples),
-        cfg.train.global_batch_size,
-        cfg.train.micro_batch_size,
-        p.rank,
-        p.world_size,
-        cfg.seed,
-    )
-    log = MetricsLog(out, enabled=main)
-    write_adapter = adapter_writer(cfg, built)
-    start, history = 0, {}
-    if prep.resume_from is not None:
-        state = load_checkpoint(engine, prep.resume_from)
-        start, history = state["step"], state.get("history", {})
-    elif main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
-    if start == 0:
-        before, samples = evaluate_all(cfg, built, prep, with_metric=cfg.eval.before_training)
-        history["before"] = before
-        log.log(0, **before)
-    device = engine.device
-    pad = built.tokenizer.pad_token_id
-    bar = tqdm(
-        total=cfg.train.max_steps,
-        initial=start,
-        disable=not main,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    t0 = time.time()
-    losses: list[float] = history.get("losses", [])
-    last_saved = start if prep.resume_from is not None else -1
-    engine.train()
-    for step in range(start, cfg.train.max_steps):
-        step_loss = 0.0
-        micro = sampler.micro_batches(step)
-        for indices in micro:
-            batch = collate([prep.train_examples[i] for i in indices], pad)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            step_loss += float(loss.detach()) / len(micro)
-        (step_loss,) = all_reduce_sum([step_loss / p.world_size])
-        losses.append(step_loss)
-        done = step + 1
-        lr = engine.get_lr()[0]
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-        if done % cfg.train.log_every == 0:
-            norm = engine.get_global_grad_norm()
-            log.log(
-                done,
-                loss=step_loss,
-                lr=lr,
-                grad_norm=float(norm) if norm is not None else float("nan"),
-            )
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.max_steps:
-            mid, _ = evaluate_all(cfg, built, prep, with_metric=False)
-            log.log(done, **mid)
-        if cfg.train.save_every and done % cfg.train.save_every == 0:
-            history["losses"] = losses
-            save_checkpoint(
-                engine,
-                out,
-                done,
-                {"step": done, "history": history},
-                write_adapter,
-                cfg.train.keep_checkpoints,
-            )
-            last_saved = done
-    bar.close()
-    elapsed = time.time() - t0
-    history["losses"] = losses
-    if last_saved != cfg.train.max_steps:
-        ckpt = save_checkpoint(
-            engine,
-            out,
-            cfg.train.max_steps,
-            {"step": cfg.train.max_steps, "history": history},
-            write_adapter,
-            cfg.train.keep_checkpoints,
-        )
-    else:
-        ckpt = out / "checkpoints" / f"step-{cfg.train.max_steps:06d}"
-    write_adapter(out / "adapter")
-    after, samples = evaluate_all(cfg, built, prep, with_metric=True)
-    history["after"] = after
-    log.log(cfg.train.max_steps, **{f"final_{k}": v for k, v in after.items()})
-    log.close()
-    local, total = parameter_elements(built.model)
-    summary = {
-        "steps": cfg.train.max_steps,
-        "resumed_from": start,
-        "train_seconds": round(elapsed, 2),
-        "world_size": p.world_size,
-        "zero_stage": built.zero_stage,
-        "param_elements_local": local,
-        "param_elements_total": total,
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
-        "losses": losses,
-        "before": history.get("before"),
-        "after": after,
-        "checkpoint": str(ckpt),
-        "adapter": str(out / "adapter"),
-        "samples": samples[:3],
-    }
-    if main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    barrier()
-    return summary
+    trainer = Trainer(cfg, prep)
+    trainer.resumed_from = read_state(prep.resume_from)["step"] if prep.resume_from else 0
+    return trainer.run(prep.resume_from)
 
 
 def evaluate(cfg: RunConfig, adapter_dir: str | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import child_env, launch
 
@@ -87,6 +88,48 @@ def _case(name: str, tmp: Path) -> tuple[list[str], dict[str, str], str]:
             {},
             "cannot be read",
         )
+    if name == "density_out_of_range":
+        return [*base, "adapter.density=1.5"], {}, "adapter.density must be in [0, 1)"
+    if name == "mask_warmup_longer_than_run":
+        return (
+            ["train", "--config", "tiny-robust", out, "adapter.robust.mask_warmup_steps=50"],
+            {},
+            "longer than the run",
+        )
+    if name == "mask_file_mismatch":
+        from rosa_ds.adapters.masks import save_masks
+        from rosa_ds.adapters.sparse import SparseStructure
+
+        bogus = {
+            "model.layers.0.self_attn.q_proj": SparseStructure.from_flat_indices(
+                torch.tensor([0, 5]), (32, 64)
+            )
+        }
+        save_masks(tmp / "masks.safetensors", bogus)
+        return (
+            [
+                "train",
+                "--config",
+                "tiny-robust",
+                out,
+                f"adapter.robust.mask_file={tmp / 'masks.safetensors'}",
+            ],
+            {},
+            "mask file does not match the model",
+        )
+    if name == "mask_file_garbage":
+        (tmp / "masks.safetensors").write_bytes(b"garbage!")
+        return (
+            [
+                "train",
+                "--config",
+                "tiny-robust",
+                out,
+                f"adapter.robust.mask_file={tmp / 'masks.safetensors'}",
+            ],
+            {},
+            "cannot be read",
+        )
     if name == "bad_subcommand_flag":
         return ["train", "--config", "tiny-lora", "--frobnicate"], {}, "unrecognized arguments"
     raise ValueError(name)
@@ -112,6 +155,10 @@ CASES = [
     "too_few_examples",
     "eval_truncated_adapter",
     "bad_subcommand_flag",
+    "density_out_of_range",
+    "mask_warmup_longer_than_run",
+    "mask_file_mismatch",
+    "mask_file_garbage",
 ]
 
 

@@ -38,7 +38,7 @@ def test_overrides_apply_with_types():
         ("adapter.rnak=4", "did you mean adapter.rank"),
         ("train.max_steps=abc", "train.max_steps must be an integer"),
         ("adapter.rank=0", "adapter.rank must be > 0"),
-        ("adapter.rank=-3", "adapter.rank must be > 0"),
+        ("adapter.rank=-3", "adapter.rank must be >= 0"),
         ("adapter.dropout=1.5", "adapter.dropout must be in [0, 1)"),
         ("train.precision=fp8", "train.precision must be one of"),
         ("train.global_batch_size=7", "must be a positive multiple"),

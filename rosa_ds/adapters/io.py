@@ -25,7 +25,15 @@ from rosa_ds.errors import UserError
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
 PEFT_DIR = "peft"
-TRAINABLE = ("lora_A", "lora_B")
+STRUCTURE = ("row_ptr", "col_idx")
+
+
+def trainable_names(module: nn.Module) -> list[str]:
+    """The adapter parameters a layer has: ``lora_A``/``lora_B`` (rank > 0), ``sparse_values``."""
+    names = ["lora_A", "lora_B"] if module.rank else []
+    if module.sparse_values is not None:
+        names.append("sparse_values")
+    return names
 
 
 def _full_fp32(param: nn.Parameter, has_optimizer: bool) -> torch.Tensor:
@@ -52,23 +60,37 @@ def gather_adapter_state(model: nn.Module, has_optimizer: bool) -> dict[str, tor
     """Every rank calls this (it may gather); every rank gets the full adapter tensors."""
     state = {}
     for name, module in adapted_modules(model).items():
-        for attr in TRAINABLE:
+        for attr in trainable_names(module):
             state[f"{name}.{attr}"] = _full_fp32(getattr(module, attr), has_optimizer)
+    return state
+
+
+def structure_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The masks' CSR indices, stored beside the values so an adapter file stands alone."""
+    state = {}
+    for name, module in adapted_modules(model).items():
+        if module.sparse_values is not None:
+            for attr in STRUCTURE:
+                state[f"{name}.{attr}"] = getattr(module, attr).detach().cpu().clone()
     return state
 
 
 def adapter_meta(model: nn.Module, base_model: str) -> dict[str, Any]:
     modules = adapted_modules(model)
     first = next(iter(modules.values()))
+    sparse = sorted(n for n, m in modules.items() if m.sparse_values is not None)
+    method = ("robust" if first.rank else "sparse") if sparse else "lora"
     return {
         "format": "rosa-ds-adapter",
         "version": 1,
-        "method": "lora",
+        "method": method,
         "base_model": base_model,
         "rank": first.rank,
         "alpha": first.alpha,
         "dropout": float(getattr(first.dropout, "p", 0.0)),
         "modules": sorted(modules),
+        "sparse_modules": sparse,
+        "sparse_nnz": sum(modules[n].sparse_values.numel() for n in sparse),
     }
 
 
@@ -107,6 +129,8 @@ def write_peft(folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any
     tensors = {}
     for key, value in state.items():
         module, attr = key.rsplit(".", 1)
+        if attr not in ("lora_A", "lora_B"):
+            continue
         tensors[f"base_model.model.{module}.{attr}.weight"] = value.contiguous()
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     config = {
@@ -143,10 +167,22 @@ def load_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return state, meta
 
 
-def apply_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors into a model's (not yet partitioned) adapter parameters."""
+def apply_adapter_state(
+    model: nn.Module, state: dict[str, torch.Tensor], allow_missing_sparse: bool = False
+) -> None:
+    """Copy adapter tensors into a model's (not yet partitioned) adapter parameters.
+
+    Mask indices in ``state`` are skipped (masks are attached before). With
+    ``allow_missing_sparse`` the sparse values may be absent (a LoRA state carried into a
+    model that just got its masks; the values then stay zero).
+    """
     modules = adapted_modules(model)
-    expected = {f"{n}.{a}" for n in modules for a in TRAINABLE}
+    state = {k: v for k, v in state.items() if k.rsplit(".", 1)[1] not in STRUCTURE}
+    expected = {f"{n}.{a}" for n, m in modules.items() for a in trainable_names(m)}
+    if allow_missing_sparse:
+        expected = {k for k in expected if not k.endswith(".sparse_values")} | (
+            set(state) & expected
+        )
     if set(state) != expected:
         missing = sorted(expected - set(state))[:3]
         extra = sorted(set(state) - expected)[:3]

@@ -1,10 +1,13 @@
-"""The one adapter layer: a frozen linear map plus a trainable low-rank update.
+"""The one adapter layer: a frozen linear map plus a trainable low-rank and/or sparse update.
 
-    y = base(x) + s * dropout(x) A^T B^T          s = alpha / r
+    y = base(x) + s * dropout(x) A^T B^T + x S^T          s = alpha / r
 
 ``base`` stays the original module, called as a module, so DeepSpeed ZeRO-3 gathers its
-partitioned weight through its own hooks and a quantized base can take its place later. The
-sparse term of RoSA and the resampling of ROSA are added to this class, not to a second one.
+partitioned weight through its own hooks and a quantized base can take its place later.
+With rank 0 there is no low-rank part (SpA); with no mask there is no sparse part (LoRA); with
+both it is RoSA. ``S`` has a fixed mask (``SparseStructure``, kept as buffers so it follows the
+module's device) and trainable ``sparse_values``, which start at zero so that attaching a mask
+does not change the function.
 """
 
 from __future__ import annotations
@@ -15,39 +18,73 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rosa_ds.adapters.sparse import FIELDS, SparseStructure
+from rosa_ds.kernels.sparse_linear import sparse_linear
+
 
 class AdaptedLinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
-        if rank <= 0:
-            raise ValueError(f"rank must be > 0, got {rank}")
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
         self.base = base
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.rank = rank
         self.alpha = alpha
-        self.scale = alpha / rank
+        self.scale = alpha / rank if rank else 0.0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
-        self.reset_adapter()
+        if rank:
+            self.lora_A = nn.Parameter(torch.empty(rank, self.in_features))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
+            self.reset_adapter()
+        self.sparse_values: nn.Parameter | None = None
+        self._shape = (self.out_features, self.in_features)
 
     def reset_adapter(self) -> None:
         """LoRA's initialization: A Kaiming-uniform, B zero, so the update starts at zero."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        if self.rank:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
 
+    # --- the sparse part -------------------------------------------------------------------
+    def attach_mask(self, structure: SparseStructure) -> None:
+        """Give the layer a fixed sparse mask with zero-valued trainable values."""
+        if structure.shape != self._shape:
+            raise ValueError(f"mask shape {structure.shape} does not match layer {self._shape}")
+        for name, tensor in structure.tensors().items():
+            self.register_buffer(name, tensor.clone(), persistent=False)
+        self.sparse_values = nn.Parameter(torch.zeros(structure.nnz))
+
+    @property
+    def structure(self) -> SparseStructure | None:
+        if self.sparse_values is None:
+            return None
+        return SparseStructure(self._shape, *(getattr(self, n) for n in FIELDS))
+
+    # --- maths -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        h = self.dropout(x).to(self.lora_A.dtype)
-        update = F.linear(F.linear(h, self.lora_A), self.lora_B)
-        return out + (self.scale * update).to(out.dtype)
+        if self.rank:
+            h = self.dropout(x).to(self.lora_A.dtype)
+            update = F.linear(F.linear(h, self.lora_A), self.lora_B)
+            out = out + (self.scale * update).to(out.dtype)
+        if self.sparse_values is not None:
+            out = out + sparse_linear(x, self.sparse_values, self.structure).to(out.dtype)
+        return out
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update the adapter adds to ``base.weight`` (fp32)."""
-        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+        delta = torch.zeros(self._shape, device=self.base.weight.device)
+        if self.rank:
+            delta = delta + self.scale * (self.lora_B.float() @ self.lora_A.float())
+        if self.sparse_values is not None:
+            delta = delta + self.structure.to_dense(self.sparse_values.detach().float())
+        return delta
 
     def extra_repr(self) -> str:
+        nnz = self.sparse_values.numel() if self.sparse_values is not None else 0
         return (
-            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha}, sparse_nnz={nnz}"
         )

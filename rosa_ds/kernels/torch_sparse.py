@@ -1,0 +1,38 @@
+"""Plain-torch sparse kernels (the CPU path): SpMM, transposed SpMM and SDDMM over CSR.
+
+They compute in fp32 (torch's CPU CSR kernels have no bf16) and return the caller's dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from rosa_ds.adapters.sparse import SparseStructure
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def _csr(row_ptr, col_idx, values, shape) -> torch.Tensor:
+    return torch.sparse_csr_tensor(row_ptr, col_idx, values, shape, check_invariants=False)
+
+
+def spmm(x: torch.Tensor, values: torch.Tensor, s: SparseStructure) -> torch.Tensor:
+    """``x S^T`` for x of shape (T, in): (T, out)."""
+    csr = _csr(s.row_ptr, s.col_idx, values.float(), s.shape)
+    return torch.sparse.mm(csr, x.float().T).T.to(x.dtype)
+
+
+def spmm_t(dy: torch.Tensor, values: torch.Tensor, s: SparseStructure) -> torch.Tensor:
+    """``dy S`` for dy of shape (T, out): (T, in), through the cached transposed CSR."""
+    t_values = values.float()[s.t_perm.long()]
+    csr_t = _csr(s.t_row_ptr, s.t_col_idx, t_values, (s.shape[1], s.shape[0]))
+    return torch.sparse.mm(csr_t, dy.float().T).T.to(dy.dtype)
+
+
+def sddmm(dy: torch.Tensor, x: torch.Tensor, s: SparseStructure) -> torch.Tensor:
+    """``(dy^T x)`` sampled at the non-zeros, in CSR order: the gradient of the values."""
+    pattern = _csr(s.row_ptr, s.col_idx, torch.zeros(s.nnz, dtype=torch.float32), s.shape)
+    out = torch.sparse.sampled_addmm(pattern, dy.float().T.contiguous(), x.float(), beta=0.0)
+    return out.values()

@@ -1,0 +1,110 @@
+"""Robust adaptation across real processes: the masks built by 2 ranks (ZeRO-2 and ZeRO-3)
+equal the single-process masks, each rank holds half the accumulator, both ways of going on
+after the mask train, and resume keeps the mask."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from rosa_ds.adapters.masks import load_masks
+from rosa_ds.checkpoint import LATEST, checkpoint_root, tag_for
+from tests.helpers import train_ok
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+COMMON = [
+    "--config",
+    "tiny-robust",
+    "train.max_steps=8",
+    "train.lr=1e-2",
+    "adapter.robust.mask_warmup_steps=3",
+    "adapter.robust.mask_grad_steps=1",
+    "eval.num_generate=0",
+]
+
+
+def _run(tmp_path_factory, name, *extra, nproc=1):
+    out = tmp_path_factory.mktemp(name) / "run"
+    launcher = "torchrun" if nproc > 1 else "python"
+    summary = train_ok([*COMMON, f"output_dir={out}", *extra], nproc=nproc, launcher=launcher)
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return _run(tmp_path_factory, "single", "deepspeed.config=zero2")
+
+
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory):
+    return _run(tmp_path_factory, "z2", "deepspeed.config=zero2", "train.save_every=4", nproc=2)
+
+
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory):
+    return _run(tmp_path_factory, "z3", "deepspeed.config=zero3", nproc=2)
+
+
+def _same_masks(a, b):
+    ma, mb = load_masks(a / "masks.safetensors"), load_masks(b / "masks.safetensors")
+    assert ma.keys() == mb.keys() and len(ma) == 14
+    for name in ma:
+        assert torch.equal(ma[name].flat_indices(), mb[name].flat_indices()), name
+
+
+@pytest.mark.parametrize("which", ["zero2", "zero3"])
+def test_two_ranks_build_the_single_process_mask(which, single, request):
+    out, summary = request.getfixturevalue(which)
+    _same_masks(out, single[0])
+    acc = summary["accumulator_bytes"]
+    assert acc["dense"] == single[1]["accumulator_bytes"]["dense"]
+    assert single[1]["accumulator_bytes"]["local"] == acc["dense"]
+    assert abs(acc["local"] / acc["dense"] - 0.5) < 0.01  # each rank holds half
+
+
+@pytest.mark.parametrize("which", ["zero2", "zero3"])
+def test_restart_trains_to_lower_loss(which, request):
+    _, summary = request.getfixturevalue(which)
+    assert len(summary["warmup_losses"]) == 4 and len(summary["losses"]) == 8
+    assert summary["losses"][-1] < summary["losses"][0] - 0.1
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert summary["mask_nnz"] > 0
+
+
+def test_continue_trains_to_lower_loss(tmp_path_factory):
+    _, summary = _run(
+        tmp_path_factory,
+        "cont",
+        "deepspeed.config=zero2",
+        "adapter.robust.after_mask=continue",
+        nproc=2,
+    )
+    assert len(summary["warmup_losses"]) == 4 and len(summary["losses"]) == 4
+    # one pass: the main pass picks up where the warm-up left off
+    assert summary["losses"][-1] < summary["warmup_losses"][0] - 0.1
+
+
+def test_resume_keeps_the_mask_and_the_losses(zero2, tmp_path):
+    src, full = zero2
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    root = checkpoint_root(out)
+    shutil.rmtree(root / tag_for(8))
+    (root / LATEST).write_text(tag_for(4))
+    (out / "masks.safetensors").unlink()  # the checkpoint alone must carry the mask
+    resumed = train_ok(
+        [*COMMON, f"output_dir={out}", "deepspeed.config=zero2", "--resume"],
+        nproc=2,
+        launcher="torchrun",
+    )
+    assert resumed["resumed_from"] == 4
+    torch.testing.assert_close(
+        torch.tensor(resumed["losses"]), torch.tensor(full["losses"]), rtol=1e-5, atol=1e-6
+    )
+    a = load_masks(root / tag_for(8) / "masks.safetensors")
+    b = load_masks(src / "masks.safetensors")
+    for name in a:
+        assert torch.equal(a[name].flat_indices(), b[name].flat_indices())
