@@ -88,12 +88,13 @@ def save_checkpoint(
     output_dir: str | Path,
     step: int,
     state: dict[str, Any],
-    write_adapter,
+    write_extras,
     keep: int,
     masks: dict | None = None,
     tag_prefix: str = "step",
 ) -> Path:
-    """Every rank calls this. ``write_adapter(folder)`` gathers and (on rank 0) writes the adapter."""
+    """Every rank calls this. ``write_extras(folder)`` gathers and (on rank 0) writes what
+    DeepSpeed does not store: the adapter and, after resamples, the rewritten frozen weights."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -113,7 +114,7 @@ def save_checkpoint(
         exclude_frozen_parameters=True,
     )
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    write_adapter(tmp / "adapter")
+    write_extras(tmp)
     barrier()
     if rank == 0:
         if masks:
@@ -133,6 +134,9 @@ def save_checkpoint(
 def _prune(root: Path, keep: int) -> None:
     for old in _by_age(root.iterdir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+FROZEN_FILE = "frozen.safetensors"
 
 
 def load_checkpoint(engine: Any, folder: Path) -> dict[str, Any]:

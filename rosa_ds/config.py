@@ -77,6 +77,28 @@ class RobustConfig:
 
 
 @dataclass
+class SubspaceConfig:
+    """Subspace adaptation (ROSA): how the low-rank adapter is resampled."""
+
+    unit: Literal["steps", "epochs"] = _f(
+        "steps", "adapter.resample_every counts optimizer steps or epochs."
+    )
+    sampling: Literal["random_block", "random_subset", "top", "bottom"] = _f(
+        "random_block",
+        "Which r singular triplets become the new adapter: a contiguous block at a random offset "
+        "(the reference code), a uniform random subset (the paper's wording), the top or bottom.",
+    )
+    split: Literal["balanced", "one_sided"] = _f(
+        "balanced",
+        "balanced: sqrt of the singular values on each factor; one_sided: all on B (reference).",
+    )
+    at_start: bool = _f(True, "Factorize once before training, as the reference does.")
+    rewarm_steps: int = _f(
+        0, "Linear learning-rate re-warm-up over this many steps after each resample (ReLoRA)."
+    )
+
+
+@dataclass
 class AdapterConfig:
     rank: int = _f(8, "LoRA rank r (>= 0; 0 with density > 0 is sparse-only, SpA).")
     alpha: float = _f(16.0, "LoRA scale numerator: the update is (alpha / rank) * B A.")
@@ -92,6 +114,16 @@ class AdapterConfig:
         0.0, "Robust adaptation: fraction of each adapted weight in the sparse part, in [0, 1)."
     )
     robust: RobustConfig = field(default_factory=RobustConfig)
+    resample_every: int | None = _f(
+        None,
+        "Subspace adaptation: merge, factorize and resample the low-rank adapter every N "
+        "optimizer steps (or epochs, see adapter.subspace.unit); unset: never.",
+    )
+    subspace: SubspaceConfig = field(default_factory=SubspaceConfig)
+
+    @property
+    def resampling(self) -> bool:
+        return self.resample_every is not None
 
     @property
     def sparse(self) -> bool:
@@ -376,6 +408,17 @@ def validate(cfg: RunConfig) -> None:
         f"adapter.rank must be > 0 unless adapter.density > 0 "
         f"(sparse-only), got rank {a.rank}; e.g. adapter.rank=8",
     )
+    if a.resample_every is not None:
+        _require(
+            a.resample_every > 0,
+            f"adapter.resample_every must be > 0, got "
+            f"{a.resample_every}; leave it unset to never resample",
+        )
+        _require(
+            a.rank > 0,
+            "adapter.resample_every needs adapter.rank > 0 (it resamples the low-rank adapter)",
+        )
+        _require(a.subspace.rewarm_steps >= 0, "adapter.subspace.rewarm_steps must be >= 0")
     r = a.robust
     _require(r.mask_warmup_steps >= 0, "adapter.robust.mask_warmup_steps must be >= 0")
     _require(r.mask_grad_steps >= 1, "adapter.robust.mask_grad_steps must be >= 1")

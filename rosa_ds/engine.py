@@ -31,6 +31,7 @@ class Built:
     ds_config: dict[str, Any]
     adapted: list[str]
     model_path: str
+    rewarm: ReWarm | None = None
 
     @property
     def zero_stage(self) -> int:
@@ -39,6 +40,27 @@ class Built:
     @property
     def model(self) -> torch.nn.Module:
         return self.engine.module
+
+
+class ReWarm:
+    """A linear learning-rate re-warm-up after each resample, on top of the schedule (ReLoRA)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.since = -(10**9)  # the step of the last resample
+
+    def factor(self, step: int) -> float:
+        if self.steps <= 0 or step - self.since >= self.steps:
+            return 1.0
+        return max(step - self.since, 1) / self.steps
+
+
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Group 0: the low-rank factors (reset together at every resample: Adam's step count is
+    per group); group 1: the sparse values, which keep their optimizer state."""
+    lowrank = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    other = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    return [g for g in ({"params": lowrank}, {"params": other}) if g["params"]]
 
 
 def torch_dtype(precision: str) -> torch.dtype:
@@ -84,11 +106,10 @@ def build_engine(
         attach_masks(model, masks)
     if adapter_state is not None:
         apply_adapter_state(model, adapter_state, allow_missing_sparse=True)
-    optimizer = scheduler = None
+    optimizer = scheduler = rewarm = None
     if training:
-        trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            trainable,
+            param_groups(model),
             lr=cfg.train.lr,
             betas=tuple(cfg.train.betas),
             weight_decay=cfg.train.weight_decay,
@@ -99,6 +120,12 @@ def build_engine(
             num_warmup_steps=cfg.train.warmup_steps,
             num_training_steps=cfg.train.max_steps,
         )
+        if cfg.adapter.resampling and cfg.adapter.subspace.rewarm_steps:
+            rewarm = ReWarm(cfg.adapter.subspace.rewarm_steps)
+            base = scheduler.lr_lambdas[0]
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: base(step) * rewarm.factor(step)
+            )
         with warnings.catch_warnings():  # stepping the schedule before any optimizer step
             warnings.simplefilter("ignore")
             for _ in range(start_step):
@@ -108,4 +135,4 @@ def build_engine(
     )
     # Dropout differs per rank; model and adapter initialization above did not.
     torch.manual_seed(cfg.seed + 1000 * (placement.rank + 1))
-    return Built(engine, tokenizer, placement, ds_config, adapted, model_path)
+    return Built(engine, tokenizer, placement, ds_config, adapted, model_path, rewarm)

@@ -34,6 +34,8 @@ def load_adapted_model(
     path = resolve_model_path(model_cfg)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     tokenizer = load_tokenizer(path, model_cfg)
+    if meta["method"] == "subspace":
+        return _apply_subspace_delta(model, state, meta, adapter_dir), tokenizer, meta
     names = meta["modules"]
     cfg = AdapterConfig(
         rank=meta["rank"],
@@ -64,6 +66,28 @@ def load_adapted_model(
     apply_adapter_state(model, state)
     model.eval()
     return model, tokenizer, meta
+
+
+def _apply_subspace_delta(model, state, meta, adapter_dir) -> torch.nn.Module:
+    """Add the accumulated update ``delta_B @ delta_A`` (and the sparse part) to each weight."""
+    for name in meta["modules"]:
+        try:
+            weight = model.get_submodule(name).weight
+            delta = state[f"{name}.delta_B"].float() @ state[f"{name}.delta_A"].float()
+            if name in meta.get("sparse_modules", []):
+                structure = SparseStructure.from_csr(
+                    state[f"{name}.row_ptr"], state[f"{name}.col_idx"], tuple(weight.shape)
+                )
+                delta += structure.to_dense(state[f"{name}.sparse_values"].float())
+        except (AttributeError, KeyError, RuntimeError, ValueError) as exc:
+            raise UserError(
+                f"adapter in {adapter_dir} does not fit the base model at {name} ({exc}); "
+                "pass --base with the model it was trained on"
+            ) from None
+        with torch.no_grad():
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+    model.eval()
+    return model
 
 
 def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:

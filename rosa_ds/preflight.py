@@ -92,6 +92,16 @@ def check_adapters(cfg: RunConfig, hf_config: Any) -> list[str]:
             hf_config, trust_remote_code=cfg.model.trust_remote_code
         )
         names = inject_adapters(skeleton, cfg.adapter)
+    if cfg.adapter.resampling:
+        from rosa_ds.adapters.inject import adapted_modules
+
+        for name, m in adapted_modules(skeleton).items():
+            if cfg.adapter.rank > min(m.out_features, m.in_features):
+                raise UserError(
+                    f"adapter.rank {cfg.adapter.rank} is above min(out, in) = "
+                    f"{min(m.out_features, m.in_features)} of {name}, so resampling cannot "
+                    "choose that many singular vectors; lower adapter.rank or adapter.targets"
+                )
     mask_file = cfg.adapter.robust.mask_file
     if cfg.adapter.sparse and mask_file:
         if not Path(mask_file).is_file():

@@ -25,8 +25,20 @@ from tqdm.auto import tqdm
 
 from rosa_ds.adapters.io import adapter_meta, gather_adapter_state, save_adapter, structure_state
 from rosa_ds.adapters.masks import GradientCollector, load_masks, masks_of, save_masks
+from rosa_ds.adapters.resample import resample_all, reset_optimizer_group
 from rosa_ds.adapters.sparse import SparseStructure
-from rosa_ds.checkpoint import MASK_FILE, load_checkpoint, read_state, save_checkpoint
+from rosa_ds.adapters.subspace_io import (
+    read_frozen_weights,
+    write_frozen_weights,
+    write_subspace_adapter,
+)
+from rosa_ds.checkpoint import (
+    FROZEN_FILE,
+    MASK_FILE,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from rosa_ds.config import RunConfig, dump_config
 from rosa_ds.data.batching import GlobalBatchSampler, collate
 from rosa_ds.dist import all_reduce_sum, barrier, detect_placement
@@ -81,6 +93,16 @@ def evaluate_all(
         )
         results[prep.data.metric] = value
     return results, samples
+
+
+def refresh_lr(engine: Any) -> None:
+    """Recompute the learning rates from the schedule at its current step (after a change to
+    the re-warm-up, which the schedule would otherwise apply one step late)."""
+    sched = engine.lr_scheduler
+    for group, base_lr, fn in zip(
+        sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+    ):
+        group["lr"] = base_lr * fn(sched.last_epoch)
 
 
 def parameter_elements(model: torch.nn.Module) -> tuple[int, int]:
@@ -166,7 +188,6 @@ class Trainer:
             dynamic_ncols=True,
         )
         engine.train()
-        write_adapter = adapter_writer(cfg, built)
         while progress.step < end:
             micro = sampler.micro_batches(progress.step)
             step_loss = 0.0
@@ -198,22 +219,75 @@ class Trainer:
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < end:
                 mid, _ = evaluate_all(cfg, built, prep, with_metric=False)
                 self.log.log(done, phase=progress.phase, **mid)
+            if self.resample_due(progress, end, sampler.steps_per_epoch):
+                self.resample(built, progress)
             if save and cfg.train.save_every and done % cfg.train.save_every == 0 and done < end:
-                self.save(built, progress, write_adapter)
+                self.save(built, progress)
         bar.close()
 
-    def save(self, built: Built, progress: Progress, write_adapter=None) -> Path:
+    def save(self, built: Built, progress: Progress) -> Path:
         masks = masks_of(built.model)
+        resampled = "resample" in progress.history
+
+        def write_extras(folder: Path) -> None:
+            if resampled:  # W_fixed is not the base model's weight any more
+                write_frozen_weights(built, folder / FROZEN_FILE)
+            else:
+                adapter_writer(self.cfg, built)(folder / "adapter")
+
         return save_checkpoint(
             built.engine,
             self.out,
             progress.step,
             progress.state(),
-            write_adapter or adapter_writer(self.cfg, built),
+            write_extras,
             self.cfg.train.keep_checkpoints,
             masks=masks,
             tag_prefix="warmup" if progress.phase == "warmup" else "step",
         )
+
+    # --- subspace adaptation ---------------------------------------------------------------
+    def resample_due(self, progress: Progress, end: int, steps_per_epoch: int) -> bool:
+        a = self.cfg.adapter
+        if not a.resampling or progress.phase != "train" or progress.step >= end:
+            return False
+        every = a.resample_every * (steps_per_epoch if a.subspace.unit == "epochs" else 1)
+        return progress.step % every == 0
+
+    def resample(self, built: Built, progress: Progress) -> None:
+        """Merge, factorize and resample every low-rank adapter; reset the factors' Adam state."""
+        sub = self.cfg.adapter.subspace
+        state = progress.history.setdefault("resample", {"count": 0, "steps": [], "seconds": []})
+        report = resample_all(
+            built.model,
+            sampling=sub.sampling,
+            split=sub.split,
+            seed=self.cfg.seed,
+            count=state["count"],
+            has_optimizer=True,
+        )
+        reset_optimizer_group(built.engine, 0)
+        if built.rewarm is not None:
+            built.rewarm.since = progress.step
+            refresh_lr(built.engine)
+        state["count"] += 1
+        state["steps"].append(progress.step)
+        state["seconds"].append(round(report.seconds, 4))
+        state["indices"] = report.indices
+        self.log.log(
+            progress.step,
+            phase="resample",
+            resample_count=state["count"],
+            resample_seconds=report.seconds,
+        )
+
+    def restore_resample_state(self, built: Built, progress: Progress, folder: Path) -> None:
+        state = progress.history.get("resample")
+        if state and built.rewarm is not None and state["steps"]:
+            built.rewarm.since = state["steps"][-1]
+            refresh_lr(built.engine)
+        if (folder / FROZEN_FILE).is_file():
+            read_frozen_weights(built, folder / FROZEN_FILE)
 
     # --- the phase schedule ----------------------------------------------------------------
     def build(self, progress: Progress, masks, carry) -> Built:
@@ -289,6 +363,7 @@ class Trainer:
             built = self.build(progress, masks, carry)
             if resume_from is not None:
                 load_checkpoint(built.engine, resume_from)
+                self.restore_resample_state(built, progress, resume_from)
                 resume_from = None
             elif main and not (self.out / "config.yaml").exists():
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -310,12 +385,18 @@ class Trainer:
                 del built
                 gc.collect()
                 continue
+            at_start = cfg.adapter.resampling and cfg.adapter.subspace.at_start
+            if at_start and progress.step == 0 and "resample" not in progress.history:
+                self.resample(built, progress)  # the reference factorizes at construction
             self.run_steps(built, progress, cfg.train.max_steps, key="losses")
             break
         elapsed = time.time() - t0
         ckpt = self.save(built, progress)
-        write_adapter = adapter_writer(cfg, built)
-        write_adapter(self.out / "adapter")
+        if "resample" in progress.history:
+            count = progress.history["resample"]["count"]
+            write_subspace_adapter(cfg, built, self.out / "adapter", count)
+        else:
+            adapter_writer(cfg, built)(self.out / "adapter")
         after, samples = evaluate_all(cfg, built, prep, with_metric=True)
         progress.history["after"] = after
         self.log.log(progress.step, **{f"final_{k}": v for k, v in after.items()})

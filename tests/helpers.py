@@ -94,3 +94,21 @@ def train_ok(args: list[str], **kw) -> dict:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = next(a.split("=", 1)[1] for a in args if a.startswith("output_dir="))
     return json.loads((Path(out) / "summary.json").read_text())
+
+
+def run_probe(script: str, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run a script of tests/probes as ``nproc`` ranks (torchrun) or one plain process."""
+    path = str(REPO / "tests" / "probes" / script)
+    if nproc == 1:
+        cmd = [sys.executable, path, *args]
+    else:
+        cmd = [
+            str(BIN / "torchrun"),
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            path,
+            *args,
+        ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env=child_env(), cwd=REPO
+    )

@@ -130,6 +130,20 @@ def _case(name: str, tmp: Path) -> tuple[list[str], dict[str, str], str]:
             {},
             "cannot be read",
         )
+    if name == "resample_every_zero":
+        return [*base, "adapter.resample_every=0"], {}, "adapter.resample_every must be > 0"
+    if name == "resample_rank_too_high":
+        return (
+            ["train", "--config", "tiny-subspace", out, "adapter.rank=40"],
+            {},
+            "is above min(out, in)",
+        )
+    if name == "unknown_sampling":
+        return (
+            ["train", "--config", "tiny-subspace", out, "adapter.subspace.sampling=lucky"],
+            {},
+            "adapter.subspace.sampling must be one of",
+        )
     if name == "bad_subcommand_flag":
         return ["train", "--config", "tiny-lora", "--frobnicate"], {}, "unrecognized arguments"
     raise ValueError(name)
@@ -159,6 +173,9 @@ CASES = [
     "mask_warmup_longer_than_run",
     "mask_file_mismatch",
     "mask_file_garbage",
+    "resample_every_zero",
+    "resample_rank_too_high",
+    "unknown_sampling",
 ]
 
 

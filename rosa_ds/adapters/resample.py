@@ -1,0 +1,290 @@
+"""Subspace adaptation (ROSA): merge, factorize, resample, by a sharded gather-factorize-scatter.
+
+For each adapted matrix: ``W' = W + s B A``; ``U S V^T = svd(W')`` in fp32; ``r`` singular
+triplets ``I`` are chosen (``random_block``: a contiguous block at a random offset, as the
+reference code; ``random_subset``: a uniform subset, as the paper words it; ``top``;
+``bottom``); ``W_fixed = W' - U_I S_I V_I^T`` becomes the frozen weight and ``U_I S_I V_I^T``
+the new ``s B A`` (``balanced``: sqrt(S) on each factor; ``one_sided``: all of S on B, as the
+reference). The model's function is unchanged by a resample.
+
+Distributed, every matrix has an owner rank (chosen greedily to balance the SVD cost
+``m n min(m, n)``); owners work in parallel, one matrix each per round: the owner gathers the
+full weight (a ZeRO-3 gather, or the local copy under ZeRO-0/1/2), factorizes, decides the
+indices, writes ``W_fixed`` back to where its shards live and broadcasts the new factors, which
+every rank writes into DeepSpeed's fp32 master copy and the model copy. No rank keeps more than
+the matrix it owns in a round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rosa_ds.adapters.inject import adapted_modules
+from rosa_ds.adapters.layer import AdaptedLinear
+
+SAMPLINGS = ("random_block", "random_subset", "top", "bottom")
+SPLITS = ("balanced", "one_sided")
+
+
+def choose_indices(n: int, r: int, sampling: str, generator: torch.Generator) -> torch.Tensor:
+    """``r`` of the ``n`` singular-value positions (sorted, descending-value order is 0..n-1)."""
+    if sampling == "top":
+        return torch.arange(r)
+    if sampling == "bottom":
+        return torch.arange(n - r, n)
+    if sampling == "random_block":
+        start = int(torch.randint(0, n - r + 1, (1,), generator=generator))
+        return torch.arange(start, start + r)
+    if sampling == "random_subset":
+        return torch.sort(torch.randperm(n, generator=generator)[:r]).values
+    raise ValueError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
+
+
+@dataclass
+class Factorized:
+    w_fixed: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    indices: torch.Tensor
+
+
+def resample_matrix(
+    w: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    sampling: str,
+    split: str,
+    generator: torch.Generator,
+) -> Factorized:
+    """Merge, factorize (full SVD, fp32) and re-split one matrix; all maths in fp32."""
+    merged = w.float() + scale * (b.float() @ a.float())
+    u, s, vh = _svd(merged)
+    r = a.shape[0]
+    idx = choose_indices(s.numel(), r, sampling, generator)
+    u_i, s_i, vh_i = u[:, idx], s[idx], vh[idx]
+    chosen = (u_i * s_i) @ vh_i
+    if split == "balanced":
+        root = torch.sqrt(s_i / scale)
+        new_b, new_a = u_i * root, root[:, None] * vh_i
+    elif split == "one_sided":
+        new_b, new_a = u_i * (s_i / scale), vh_i.clone()
+    else:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return Factorized(merged - chosen, new_a.contiguous(), new_b.contiguous(), idx)
+
+
+def _svd(m: torch.Tensor):
+    """Full SVD, falling back to another driver and then to fp64 if LAPACK does not converge."""
+    try:
+        return torch.linalg.svd(m, full_matrices=False)
+    except RuntimeError:
+        u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+        return u.float(), s.float(), vh.float()
+
+
+def svd_cost(shape: tuple[int, int]) -> int:
+    m, n = shape
+    return m * n * min(m, n)
+
+
+def assign_owners(shapes: dict[str, tuple[int, int]], world: int) -> dict[str, int]:
+    """Greedy longest-processing-time assignment of matrices to ranks by SVD cost."""
+    load = [0] * world
+    owners = {}
+    for name in sorted(shapes, key=lambda n: (-svd_cost(shapes[n]), n)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += svd_cost(shapes[name])
+    return owners
+
+
+def rounds(owners: dict[str, int], world: int) -> list[list[str]]:
+    """Round j holds the j-th matrix of every rank (in assignment order)."""
+    per_rank: list[list[str]] = [[] for _ in range(world)]
+    for name in owners:  # insertion order = cost order
+        per_rank[owners[name]].append(name)
+    depth = max((len(x) for x in per_rank), default=0)
+    return [[lst[j] for lst in per_rank if j < len(lst)] for j in range(depth)]
+
+
+def _generator(seed: int, count: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + count * 7919 + index)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed parameter surgery: read full values, write fp32 masters, model copies, frozen weights
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _is_zero3(p: nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def read_full(p: nn.Parameter, master: bool, keep: bool) -> torch.Tensor | None:
+    """Every rank calls this (a collective under ZeRO); ranks with ``keep`` get an fp32 copy."""
+    if master:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(p)
+        if value is not None:
+            return value.detach().float().cpu().clone() if keep else None
+    if _is_zero3(p):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.detach().float().cpu().clone() if keep else None
+    return p.detach().float().cpu().clone() if keep else None
+
+
+def write_frozen(p: nn.Parameter, value: torch.Tensor | None, owner: int) -> None:
+    """Write a frozen weight whose new value only ``owner`` holds; every rank calls this."""
+    rank, world = _world()
+    if _is_zero3(p):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=owner):
+            if rank == owner:
+                p.data.copy_(value.to(p.dtype))
+        return
+    if rank == owner:
+        p.data.copy_(value.to(p.device, p.dtype))
+    if world > 1:
+        dist.broadcast(p.data, src=owner)
+
+
+def write_trainable(p: nn.Parameter, value: torch.Tensor, has_optimizer: bool) -> None:
+    """Write a trainable parameter (the same full ``value`` on every rank): fp32 master and model
+    copy, since DeepSpeed's setter alone leaves the next forward on the old value."""
+    rank, _ = _world()
+    if has_optimizer:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(p, value.to(torch.float32))
+    if _is_zero3(p):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if rank == 0:
+                p.data.copy_(value.to(p.dtype))
+    else:
+        p.data.copy_(value.to(p.device, p.dtype))
+
+
+def broadcast(t: torch.Tensor | None, shape: tuple[int, ...], src: int) -> torch.Tensor:
+    rank, world = _world()
+    if world == 1:
+        return t
+    buf = t.contiguous() if rank == src else torch.empty(shape, dtype=torch.float32)
+    dist.broadcast(buf, src=src)
+    return buf
+
+
+def reset_optimizer_group(engine: Any, group: int) -> None:
+    """Zero Adam's moments and step count for one parameter group (DeepSpeed ZeRO 0-3).
+
+    Adam's step is kept per group (the state is keyed by the group's flat fp32 partition), so
+    the factors that get reset live in a group of their own; zeroing the moments but keeping a
+    large step count would make the next updates several times too large.
+    """
+    zo = engine.optimizer
+    inner = getattr(zo, "optimizer", zo)
+    flats = []
+    if hasattr(zo, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        flats = [zo.single_partition_of_fp32_groups[group]]
+    elif hasattr(zo, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        flats = [
+            f
+            for sg, f in enumerate(zo.fp32_partitioned_groups_flat)
+            if zo.sub_group_to_group_id[sg] == group
+        ]
+    else:  # no ZeRO: the torch optimizer's own per-parameter state
+        flats = list(inner.param_groups[group]["params"])
+    for flat in flats:
+        state = inner.state.get(flat)
+        if not state:
+            continue
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = 0
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResampleReport:
+    count: int
+    indices: dict[str, list[int]]
+    owners: dict[str, int]
+    seconds: float
+
+
+def resample_all(
+    model: nn.Module, *, sampling: str, split: str, seed: int, count: int, has_optimizer: bool
+) -> ResampleReport:
+    """Resample every low-rank adapter of ``model``; every rank calls this."""
+    import time
+
+    t0 = time.perf_counter()
+    rank, world = _world()
+    modules: dict[str, AdaptedLinear] = {n: m for n, m in adapted_modules(model).items() if m.rank}
+    names = sorted(modules)
+    index_of = {n: i for i, n in enumerate(names)}
+    shapes = {n: (modules[n].out_features, modules[n].in_features) for n in names}
+    owners = assign_owners(shapes, world)
+    indices: dict[str, list[int]] = {}
+    for batch in rounds(owners, world):
+        results: dict[str, Factorized] = {}
+        for name in batch:  # gather: every rank takes part, only the owner keeps a copy
+            m, own = modules[name], owners[name] == rank
+            w = read_full(m.base.weight, master=False, keep=own)
+            a = read_full(m.lora_A, master=has_optimizer, keep=own)
+            b = read_full(m.lora_B, master=has_optimizer, keep=own)
+            if own:
+                results[name] = (w, a, b)
+        for name, (w, a, b) in list(results.items()):  # factorize: owners in parallel
+            m = modules[name]
+            results[name] = resample_matrix(
+                w, a, b, m.scale, sampling, split, _generator(seed, count, index_of[name])
+            )
+        for name in batch:  # scatter: W_fixed to its shards, factors to every rank
+            m, owner = modules[name], owners[name]
+            f = results.get(name)
+            write_frozen(m.base.weight, f.w_fixed if f else None, owner)
+            r = m.rank
+            a = broadcast(f.a if f else None, (r, m.in_features), owner)
+            b = broadcast(f.b if f else None, (m.out_features, r), owner)
+            idx = broadcast(f.indices.float() if f else None, (r,), owner)
+            write_trainable(m.lora_A, a, has_optimizer)
+            write_trainable(m.lora_B, b, has_optimizer)
+            indices[name] = [int(i) for i in idx.tolist()]
+    return ResampleReport(count, indices, owners, time.perf_counter() - t0)
+
+
+def lowrank_delta(
+    delta: torch.Tensor, max_rank: int, rtol: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(B, A)`` with ``B A ~= delta``, at the numerical rank (at most ``max_rank``)."""
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    keep = int((s > rtol * (s[0] if s.numel() else 0)).sum()) if s.numel() else 0
+    keep = max(1, min(keep, max_rank))
+    root = torch.sqrt(s[:keep])
+    return u[:, :keep] * root, root[:, None] * vh[:keep]
+
+
+def effective_rank(delta: torch.Tensor, rtol: float = 1e-4) -> int:
+    s = torch.linalg.svdvals(delta.float())
+    return int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0

@@ -1,0 +1,113 @@
+"""Run as every rank of a job: train a few steps, resample once, and record what the tests
+check (logits around the resample, the new factors and frozen weights, Adam's state, the lr).
+
+    torchrun --nproc_per_node 2 tests/probes/resample_probe.py OUT.pt key=value ...
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from deepspeed.utils import safe_get_full_optimizer_state  # noqa: E402
+
+from rosa_ds.adapters.inject import adapted_modules  # noqa: E402
+from rosa_ds.adapters.resample import read_full, resample_all, reset_optimizer_group  # noqa: E402
+from rosa_ds.config import load_config  # noqa: E402
+from rosa_ds.data.batching import GlobalBatchSampler, collate  # noqa: E402
+from rosa_ds.engine import build_engine  # noqa: E402
+from rosa_ds.preflight import prepare  # noqa: E402
+from rosa_ds.train import quiet_libraries  # noqa: E402
+
+
+def main() -> None:
+    out, overrides = sys.argv[1], sys.argv[2:]
+    cfg = load_config("tiny-subspace", overrides)
+    prep = prepare(cfg, resume=None, training=False)
+    quiet_libraries()
+    built = build_engine(cfg, prep.model_path, prep.tokenizer, prep.hidden_size, training=True)
+    engine, p = built.engine, built.placement
+    sampler = GlobalBatchSampler(
+        len(prep.train_examples),
+        cfg.train.global_batch_size,
+        cfg.train.micro_batch_size,
+        p.rank,
+        p.world_size,
+        cfg.seed,
+    )
+    pad = prep.tokenizer.pad_token_id
+
+    def step(i: int) -> None:
+        for idx in sampler.micro_batches(i):
+            batch = collate([prep.train_examples[j] for j in idx], pad)
+            engine.backward(engine(**batch).loss)
+            engine.step()
+
+    for i in range(3):
+        step(i)
+    probe = collate(prep.eval_examples[:2], pad)
+
+    def logits() -> torch.Tensor:
+        engine.eval()
+        with torch.no_grad():
+            value = engine(**probe).logits.float().cpu()
+        engine.train()
+        return value
+
+    modules = sorted(adapted_modules(built.model).items())
+    before = logits()
+    lr_before = engine.get_lr()[0]
+    moment_before = sum(
+        float(safe_get_full_optimizer_state(m.lora_A, "exp_avg").abs().sum()) for _, m in modules
+    )
+    report = resample_all(
+        built.model,
+        sampling=cfg.adapter.subspace.sampling,
+        split=cfg.adapter.subspace.split,
+        seed=cfg.seed,
+        count=0,
+        has_optimizer=True,
+    )
+    reset_optimizer_group(engine, 0)
+    after = logits()
+    moments = {}
+    for name, m in modules:
+        for attr in ("lora_A", "lora_B"):
+            for key in ("exp_avg", "exp_avg_sq"):
+                moments[f"{name}.{attr}.{key}"] = float(
+                    safe_get_full_optimizer_state(getattr(m, attr), key).abs().sum()
+                )
+    weights = {}
+    for name, m in modules:
+        weights[f"{name}.w"] = read_full(m.base.weight, master=False, keep=True)
+        weights[f"{name}.a"] = read_full(m.lora_A, master=True, keep=True)
+        weights[f"{name}.b"] = read_full(m.lora_B, master=True, keep=True)
+        weights[f"{name}.a_model"] = read_full(m.lora_A, master=False, keep=True)
+    lr_after = engine.get_lr()[0]
+    step(3)  # training goes on after the resample
+    after_step = logits()
+    if p.rank == 0:
+        torch.save(
+            {
+                "before": before,
+                "after": after,
+                "after_step": after_step,
+                "lr_before": lr_before,
+                "lr_after": lr_after,
+                "moments": moments,
+                "moment_before": moment_before,
+                "weights": weights,
+                "indices": report.indices,
+                "owners": report.owners,
+                "world": p.world_size,
+            },
+            out,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Subspace adaptation with DeepSpeed, 1 and 2 real ranks, ZeRO-2 and ZeRO-3: the function is
+unchanged by a resample, 2 ranks compute what 1 process computes, Adam's state of the factors
+is zero afterwards and the learning rate stays on its schedule; a resumed run continues
+identically across a resample; the export carries the whole accumulated update."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from rosa_ds.checkpoint import LATEST, checkpoint_root, tag_for
+from tests.helpers import launch, run_probe, train_ok
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def _probe(tmp_path_factory, nproc: int, zero: str) -> dict:
+    out = tmp_path_factory.mktemp(f"probe{nproc}{zero}") / "probe.pt"
+    proc = run_probe("resample_probe.py", [str(out), f"deepspeed.config={zero}"], nproc=nproc)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory) -> dict:
+    return {
+        (n, z): _probe(tmp_path_factory, n, z)
+        for n, z in [(1, "zero2"), (2, "zero2"), (2, "zero3")]
+    }
+
+
+@pytest.mark.parametrize("key", [(1, "zero2"), (2, "zero2"), (2, "zero3")])
+def test_resample_preserves_logits_and_resets_optimizer(probes, key):
+    d = probes[key]
+    assert d["world"] == key[0]
+    torch.testing.assert_close(d["after"], d["before"], atol=1e-4, rtol=1e-4)
+    assert (d["after_step"] - d["after"]).abs().max() > 1e-3  # and training goes on
+    assert d["moment_before"] > 0 and max(d["moments"].values()) == 0.0
+    # the learning rate is where the schedule says: cosine after 2 warm-up steps, at step 3
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=5e-3)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=20)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert d["lr_after"] == pytest.approx(sched.get_last_lr()[0], rel=1e-9)
+    assert d["lr_before"] == d["lr_after"]
+    # the model copy of each factor matches its fp32 master
+    for k, v in d["weights"].items():
+        if k.endswith(".a_model"):
+            torch.testing.assert_close(v, d["weights"][k[: -len("_model")]])
+
+
+@pytest.mark.parametrize("key", [(2, "zero2"), (2, "zero3")])
+def test_two_ranks_resample_like_one_process(probes, key):
+    one, two = probes[(1, "zero2")], probes[key]
+    assert two["indices"] == one["indices"]
+    assert set(two["owners"].values()) == {0, 1}  # both ranks own matrices
+    for k in one["weights"]:
+        torch.testing.assert_close(two["weights"][k], one["weights"][k], atol=1e-4, rtol=1e-4)
+
+
+COMMON = [
+    "--config",
+    "tiny-subspace",
+    "train.max_steps=10",
+    "adapter.resample_every=3",
+    "train.save_every=4",
+    "train.keep_checkpoints=3",
+    "eval.num_generate=0",
+    "train.lr=1e-2",
+]
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sub3") / "run"
+    summary = train_ok(
+        [*COMMON, f"output_dir={out}", "deepspeed.config=zero3"], nproc=2, launcher="torchrun"
+    )
+    return out, summary
+
+
+def test_resume_across_a_resample_continues_identically(zero3_run, tmp_path):
+    src, full = zero3_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    root = checkpoint_root(out)
+    for step in (8, 10):
+        shutil.rmtree(root / tag_for(step))
+    (root / LATEST).write_text(tag_for(4))
+    resumed = train_ok(
+        [*COMMON, f"output_dir={out}", "deepspeed.config=zero3", "--resume"],
+        nproc=2,
+        launcher="torchrun",
+    )
+    assert resumed["resumed_from"] == 4
+    torch.testing.assert_close(
+        torch.tensor(resumed["losses"]), torch.tensor(full["losses"]), rtol=1e-5, atol=1e-6
+    )
+    state = json.loads((root / tag_for(10) / "trainer_state.json").read_text())
+    assert state["history"]["resample"]["steps"] == [0, 3, 6, 9]
+
+
+def test_subspace_export_carries_the_accumulated_update(zero3_run, tmp_path):
+    from rosa_ds.config import load_config
+    from rosa_ds.evaluate import heldout_loss
+    from rosa_ds.preflight import prepare
+
+    out, summary = zero3_run
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert meta["method"] == "subspace" and meta["resamples"] == 4
+    # the update since the start has a rank above r: the subspace moved
+    assert max(meta["delta_ranks"].values()) > meta["rank"]
+    proc = launch(["export", "--run", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "export" / "merged")
+    cfg = load_config("tiny-subspace", [f"output_dir={tmp_path}"])
+    prep = prepare(cfg, resume=None, training=False)
+    result = heldout_loss(
+        merged, prep.eval_examples, 2, prep.tokenizer.pad_token_id, 0, 1, cfg.eval.max_loss_examples
+    )
+    assert result["eval_loss"] == pytest.approx(summary["after"]["eval_loss"], abs=1e-4)
