@@ -64,6 +64,28 @@ def test_two_ranks_resample_like_one_process(probes, key):
         torch.testing.assert_close(two["weights"][k], one["weights"][k], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_hybrid_resample_keeps_the_sparse_part(zero, tmp_path_factory):
+    """RoSA + ROSA: only the low-rank part is resampled; the sparse values and their Adam
+    state stay as they were (they live in a parameter group of their own)."""
+    out = tmp_path_factory.mktemp(f"hybrid{zero}") / "probe.pt"
+    args = [
+        str(out),
+        f"deepspeed.config={zero}",
+        "adapter.density=0.05",
+        "adapter.robust.mask_warmup_steps=0",
+    ]
+    proc = run_probe("resample_probe.py", args, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    d = torch.load(out, weights_only=False)
+    torch.testing.assert_close(d["after"], d["before"], atol=1e-4, rtol=1e-4)
+    assert d["sparse_before"] and d["sparse_before"].keys() == d["sparse_after"].keys()
+    assert sum(float(v.abs().sum()) for v in d["sparse_before"].values()) > 0
+    for k, v in d["sparse_before"].items():
+        assert torch.equal(v, d["sparse_after"][k])
+    assert d["sparse_moments"] > 0 and max(d["moments"].values()) == 0.0
+
+
 COMMON = [
     "--config",
     "tiny-subspace",
@@ -106,24 +128,53 @@ def test_resume_across_a_resample_continues_identically(zero3_run, tmp_path):
     assert state["history"]["resample"]["steps"] == [0, 3, 6, 9]
 
 
-def test_subspace_export_carries_the_accumulated_update(zero3_run, tmp_path):
+def _merged_eval_loss(out, config: str, tmp_path) -> float:
+    from transformers import AutoModelForCausalLM
+
     from rosa_ds.config import load_config
     from rosa_ds.evaluate import heldout_loss
     from rosa_ds.preflight import prepare
 
+    proc = launch(["export", "--run", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(out / "export" / "merged")
+    cfg = load_config(config, [f"output_dir={tmp_path}"])
+    prep = prepare(cfg, resume=None, training=False)
+    result = heldout_loss(
+        merged, prep.eval_examples, 2, prep.tokenizer.pad_token_id, 0, 1, cfg.eval.max_loss_examples
+    )
+    return result["eval_loss"]
+
+
+def test_subspace_export_carries_the_accumulated_update(zero3_run, tmp_path):
     out, summary = zero3_run
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     assert meta["method"] == "subspace" and meta["resamples"] == 4
     # the update since the start has a rank above r: the subspace moved
     assert max(meta["delta_ranks"].values()) > meta["rank"]
-    proc = launch(["export", "--run", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from transformers import AutoModelForCausalLM
+    loss = _merged_eval_loss(out, "tiny-subspace", tmp_path)
+    assert loss == pytest.approx(summary["after"]["eval_loss"], abs=1e-4)
 
-    merged = AutoModelForCausalLM.from_pretrained(out / "export" / "merged")
-    cfg = load_config("tiny-subspace", [f"output_dir={tmp_path}"])
-    prep = prepare(cfg, resume=None, training=False)
-    result = heldout_loss(
-        merged, prep.eval_examples, 2, prep.tokenizer.pad_token_id, 0, 1, cfg.eval.max_loss_examples
+
+def test_hybrid_run_trains_resamples_and_exports(tmp_path):
+    """RoSA + ROSA through the command line: mask warm-up, resampled training, export."""
+    out = tmp_path / "run"
+    summary = train_ok(
+        [
+            "--config",
+            "tiny-robust",
+            f"output_dir={out}",
+            "adapter.resample_every=3",
+            "train.max_steps=8",
+            "adapter.robust.mask_warmup_steps=2",
+            "eval.num_generate=0",
+            "train.lr=1e-2",
+        ],
+        nproc=2,
+        launcher="torchrun",
     )
-    assert result["eval_loss"] == pytest.approx(summary["after"]["eval_loss"], abs=1e-4)
+    assert summary["losses"][-1] < summary["losses"][0] - 0.1
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert meta["method"] == "subspace" and meta["sparse_modules"] and meta["resamples"] == 3
+    loss = _merged_eval_loss(out, "tiny-robust", tmp_path / "cfg")
+    assert loss == pytest.approx(summary["after"]["eval_loss"], abs=1e-4)

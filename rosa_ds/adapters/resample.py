@@ -190,6 +190,20 @@ def broadcast(t: torch.Tensor | None, shape: tuple[int, ...], src: int) -> torch
     return buf
 
 
+def link_optimizer_states(engine: Any) -> None:
+    """Make DeepSpeed's per-parameter optimizer-state views (``safe_get_full_optimizer_state``)
+    work for every parameter group under ZeRO-1/2.
+
+    DeepSpeed 0.19 links them after group 0's first step only: for a parameter of another
+    group the rank holding it raises "exp_avg not found" while the others hang in a collective.
+    Re-linking after a step fixes it.
+    """
+    zo = engine.optimizer
+    if hasattr(zo, "_lazy_init_hp_params_optimizer_state") and len(zo.optimizer.param_groups) > 1:
+        zo._hp_optimizer_states_linked = False
+        zo._lazy_init_hp_params_optimizer_state()
+
+
 def reset_optimizer_group(engine: Any, group: int) -> None:
     """Zero Adam's moments and step count for one parameter group (DeepSpeed ZeRO 0-3).
 
@@ -233,9 +247,19 @@ class ResampleReport:
 
 
 def resample_all(
-    model: nn.Module, *, sampling: str, split: str, seed: int, count: int, has_optimizer: bool
+    model: nn.Module,
+    *,
+    sampling: str,
+    split: str,
+    seed: int,
+    count: int,
+    has_optimizer: bool,
+    single_owner: bool = False,
 ) -> ResampleReport:
-    """Resample every low-rank adapter of ``model``; every rank calls this."""
+    """Resample every low-rank adapter of ``model``; every rank calls this.
+
+    ``single_owner`` gives every matrix to rank 0 (the one-rank baseline of the benchmark).
+    """
     import time
 
     t0 = time.perf_counter()
@@ -244,7 +268,7 @@ def resample_all(
     names = sorted(modules)
     index_of = {n: i for i, n in enumerate(names)}
     shapes = {n: (modules[n].out_features, modules[n].in_features) for n in names}
-    owners = assign_owners(shapes, world)
+    owners = assign_owners(shapes, 1 if single_owner else world)
     indices: dict[str, list[int]] = {}
     for batch in rounds(owners, world):
         results: dict[str, Factorized] = {}

@@ -16,7 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from deepspeed.utils import safe_get_full_optimizer_state  # noqa: E402
 
 from rosa_ds.adapters.inject import adapted_modules  # noqa: E402
-from rosa_ds.adapters.resample import read_full, resample_all, reset_optimizer_group  # noqa: E402
+from rosa_ds.adapters.resample import (  # noqa: E402
+    link_optimizer_states,
+    read_full,
+    resample_all,
+    reset_optimizer_group,
+)
 from rosa_ds.config import load_config  # noqa: E402
 from rosa_ds.data.batching import GlobalBatchSampler, collate  # noqa: E402
 from rosa_ds.engine import build_engine  # noqa: E402
@@ -29,7 +34,25 @@ def main() -> None:
     cfg = load_config("tiny-subspace", overrides)
     prep = prepare(cfg, resume=None, training=False)
     quiet_libraries()
-    built = build_engine(cfg, prep.model_path, prep.tokenizer, prep.hidden_size, training=True)
+    masks = None
+    if cfg.adapter.density > 0:  # the hybrid: random masks stand in for gradient-chosen ones
+        from transformers import AutoModelForCausalLM
+
+        from rosa_ds.adapters.inject import inject_adapters
+        from rosa_ds.adapters.sparse import SparseStructure
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(prep.hf_config)
+            inject_adapters(skeleton, cfg.adapter)
+        g = torch.Generator().manual_seed(0)
+        masks = {}
+        for name, m in sorted(adapted_modules(skeleton).items()):
+            numel = m.out_features * m.in_features
+            flat = torch.randperm(numel, generator=g)[: round(cfg.adapter.density * numel)]
+            masks[name] = SparseStructure.from_flat_indices(flat, (m.out_features, m.in_features))
+    built = build_engine(
+        cfg, prep.model_path, prep.tokenizer, prep.hidden_size, training=True, masks=masks
+    )
     engine, p = built.engine, built.placement
     sampler = GlobalBatchSampler(
         len(prep.train_examples),
@@ -59,6 +82,12 @@ def main() -> None:
         return value
 
     modules = sorted(adapted_modules(built.model).items())
+    link_optimizer_states(engine)
+    sparse_before = {
+        n: read_full(m.sparse_values, master=True, keep=True)
+        for n, m in modules
+        if m.sparse_values is not None
+    }
     before = logits()
     lr_before = engine.get_lr()[0]
     moment_before = sum(
@@ -88,6 +117,16 @@ def main() -> None:
         weights[f"{name}.b"] = read_full(m.lora_B, master=True, keep=True)
         weights[f"{name}.a_model"] = read_full(m.lora_A, master=False, keep=True)
     lr_after = engine.get_lr()[0]
+    sparse_after = {
+        n: read_full(m.sparse_values, master=True, keep=True)
+        for n, m in modules
+        if m.sparse_values is not None
+    }
+    sparse_moments = sum(
+        float(safe_get_full_optimizer_state(m.sparse_values, "exp_avg").abs().sum())
+        for _, m in modules
+        if m.sparse_values is not None
+    )
     step(3)  # training goes on after the resample
     after_step = logits()
     if p.rank == 0:
@@ -104,6 +143,9 @@ def main() -> None:
                 "indices": report.indices,
                 "owners": report.owners,
                 "world": p.world_size,
+                "sparse_before": sparse_before,
+                "sparse_after": sparse_after,
+                "sparse_moments": sparse_moments,
             },
             out,
         )
