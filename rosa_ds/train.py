@@ -274,6 +274,7 @@ class Trainer:
         state["steps"].append(progress.step)
         state["seconds"].append(round(report.seconds, 4))
         state["indices"] = report.indices
+        state["owners"] = report.owners
         self.log.log(
             progress.step,
             phase="resample",

@@ -55,6 +55,16 @@ def test_resample_preserves_logits_and_resets_optimizer(probes, key):
             torch.testing.assert_close(v, d["weights"][k[: -len("_model")]])
 
 
+def test_rewarm_after_resample(tmp_path_factory):
+    """With adapter.subspace.rewarm_steps=4 the learning rate restarts at a quarter of the
+    schedule's value right after the resample."""
+    out = tmp_path_factory.mktemp("rewarm") / "probe.pt"
+    proc = run_probe("resample_probe.py", [str(out), "adapter.subspace.rewarm_steps=4"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    d = torch.load(out, weights_only=False)
+    assert d["lr_after"] == pytest.approx(d["lr_before"] / 4, rel=1e-9)
+
+
 @pytest.mark.parametrize("key", [(2, "zero2"), (2, "zero3")])
 def test_two_ranks_resample_like_one_process(probes, key):
     one, two = probes[(1, "zero2")], probes[key]

@@ -16,17 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from deepspeed.utils import safe_get_full_optimizer_state  # noqa: E402
 
 from rosa_ds.adapters.inject import adapted_modules  # noqa: E402
-from rosa_ds.adapters.resample import (  # noqa: E402
-    link_optimizer_states,
-    read_full,
-    resample_all,
-    reset_optimizer_group,
-)
+from rosa_ds.adapters.resample import link_optimizer_states, read_full  # noqa: E402
 from rosa_ds.config import load_config  # noqa: E402
 from rosa_ds.data.batching import GlobalBatchSampler, collate  # noqa: E402
 from rosa_ds.engine import build_engine  # noqa: E402
 from rosa_ds.preflight import prepare  # noqa: E402
-from rosa_ds.train import quiet_libraries  # noqa: E402
+from rosa_ds.tracking import MetricsLog  # noqa: E402
+from rosa_ds.train import Progress, Trainer, quiet_libraries  # noqa: E402
 
 
 def main() -> None:
@@ -93,15 +89,12 @@ def main() -> None:
     moment_before = sum(
         float(safe_get_full_optimizer_state(m.lora_A, "exp_avg").abs().sum()) for _, m in modules
     )
-    report = resample_all(
-        built.model,
-        sampling=cfg.adapter.subspace.sampling,
-        split=cfg.adapter.subspace.split,
-        seed=cfg.seed,
-        count=0,
-        has_optimizer=True,
-    )
-    reset_optimizer_group(engine, 0)
+    # the trainer's own resample: factors, frozen weights, Adam state, re-warm-up
+    trainer = Trainer(cfg, prep)
+    trainer.log = MetricsLog(Path(out).parent, enabled=False)
+    progress = Progress("train", 3)
+    trainer.resample(built, progress)
+    report = progress.history["resample"]
     after = logits()
     moments = {}
     for name, m in modules:
@@ -140,8 +133,8 @@ def main() -> None:
                 "moments": moments,
                 "moment_before": moment_before,
                 "weights": weights,
-                "indices": report.indices,
-                "owners": report.owners,
+                "indices": report["indices"],
+                "owners": report["owners"],
                 "world": p.world_size,
                 "sparse_before": sparse_before,
                 "sparse_after": sparse_after,
