@@ -72,7 +72,7 @@ def equal_budget_density(shapes: list[tuple[int, int]], lora_rank: int, rosa_ran
 
 def random_masks(model, density: float, seed: int):
     from rosa_ds.adapters.inject import adapted_modules
-    from rosa_ds.adapters.sparse import SparseStructure
+    from rosa_ds.kernels.csr import SparseStructure
 
     g = torch.Generator().manual_seed(seed)
     masks = {}

@@ -114,6 +114,11 @@ class AdapterConfig:
         0.0, "Robust adaptation: fraction of each adapted weight in the sparse part, in [0, 1)."
     )
     robust: RobustConfig = field(default_factory=RobustConfig)
+    sparse_kernel: Literal["auto", "torch", "triton"] = _f(
+        "auto",
+        "Sparse kernels: auto (Triton on CUDA tensors, torch CSR kernels otherwise), or "
+        "force one (triton on CPU tensors needs TRITON_INTERPRET=1; for testing).",
+    )
     resample_every: int | None = _f(
         None,
         "Subspace adaptation: merge, factorize and resample the low-rank adapter every N "

@@ -16,10 +16,10 @@ import torch
 from rosa_ds.adapters.inject import inject_adapters
 from rosa_ds.adapters.io import apply_adapter_state
 from rosa_ds.adapters.masks import attach_masks, check_masks
-from rosa_ds.adapters.sparse import SparseStructure
 from rosa_ds.config import RunConfig
 from rosa_ds.dist import Placement, init_distributed
 from rosa_ds.ds_config import build_ds_config, zero_stage
+from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.model import load_model
 
 
@@ -89,6 +89,9 @@ def build_engine(
     from transformers import get_scheduler
     from transformers.integrations import HfDeepSpeedConfig
 
+    from rosa_ds.kernels.sparse_linear import set_backend
+
+    set_backend(cfg.adapter.sparse_kernel)
     placement = init_distributed(cfg.deepspeed.backend)
     ds_config = build_ds_config(cfg, placement.world_size, hidden_size)
     if not training and zero_stage(ds_config) in (1, 2):

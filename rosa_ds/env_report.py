@@ -59,7 +59,8 @@ def environment_report() -> dict[str, Any]:
         report["comm_backend"] = None
     report["kernels"] = {
         "lora": "torch (dense matmuls)",
-        "sparse": "torch CSR (SpMM, transposed SpMM, SDDMM in fp32) on every device",
+        "sparse (cpu)": _sparse_path("cpu"),
+        "sparse (cuda)": _sparse_path("cuda") if torch.cuda.is_available() else "no CUDA device",
         "triton": (
             "available"
             if importlib.util.find_spec("triton") and torch.cuda.is_available()
@@ -72,6 +73,18 @@ def environment_report() -> dict[str, Any]:
         else "not installed",
     }
     return report
+
+
+def _sparse_path(device: str) -> str:
+    import torch
+
+    from rosa_ds.kernels.sparse_linear import backend_for
+
+    backend = backend_for(torch.device(device))
+    return {
+        "triton": "Triton SpMM / SDDMM kernels (rosa_ds/kernels/triton_sparse.py)",
+        "torch": "torch CSR SpMM / SDDMM in fp32 (rosa_ds/kernels/torch_sparse.py)",
+    }[backend]
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -14,9 +14,9 @@ import torch
 
 from rosa_ds.adapters.inject import adapted_modules, inject_adapters
 from rosa_ds.adapters.io import apply_adapter_state, load_adapter
-from rosa_ds.adapters.sparse import SparseStructure
 from rosa_ds.config import AdapterConfig, ModelConfig
 from rosa_ds.errors import UserError
+from rosa_ds.kernels.csr import SparseStructure
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 

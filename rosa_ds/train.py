@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from rosa_ds.adapters.io import adapter_meta, gather_adapter_state, save_adapter, structure_state
 from rosa_ds.adapters.masks import GradientCollector, load_masks, masks_of, save_masks
 from rosa_ds.adapters.resample import resample_all, reset_optimizer_group
-from rosa_ds.adapters.sparse import SparseStructure
 from rosa_ds.adapters.subspace_io import (
     read_frozen_weights,
     write_frozen_weights,
@@ -44,6 +43,7 @@ from rosa_ds.data.batching import GlobalBatchSampler, collate
 from rosa_ds.dist import all_reduce_sum, barrier, detect_placement
 from rosa_ds.engine import Built, build_engine
 from rosa_ds.evaluate import heldout_loss, task_metric
+from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.preflight import Prepared, prepare
 from rosa_ds.tracking import MetricsLog
 

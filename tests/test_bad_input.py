@@ -98,7 +98,7 @@ def _case(name: str, tmp: Path) -> tuple[list[str], dict[str, str], str]:
         )
     if name == "mask_file_mismatch":
         from rosa_ds.adapters.masks import save_masks
-        from rosa_ds.adapters.sparse import SparseStructure
+        from rosa_ds.kernels.csr import SparseStructure
 
         bogus = {
             "model.layers.0.self_attn.q_proj": SparseStructure.from_flat_indices(

@@ -9,8 +9,8 @@ from torch import nn
 
 from rosa_ds.adapters.layer import AdaptedLinear
 from rosa_ds.adapters.masks import load_masks, save_masks
-from rosa_ds.adapters.sparse import SparseStructure
 from rosa_ds.errors import UserError
+from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.kernels.sparse_linear import sparse_linear
 
 

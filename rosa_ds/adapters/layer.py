@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rosa_ds.adapters.sparse import FIELDS, SparseStructure
+from rosa_ds.kernels.csr import FIELDS, SparseStructure
 from rosa_ds.kernels.sparse_linear import sparse_linear
 
 

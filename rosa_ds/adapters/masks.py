@@ -29,9 +29,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rosa_ds.adapters.inject import adapted_modules
-from rosa_ds.adapters.sparse import SparseStructure
 from rosa_ds.config import AdapterConfig
 from rosa_ds.errors import UserError
+from rosa_ds.kernels.csr import SparseStructure
 
 
 def module_density(name: str, cfg: AdapterConfig) -> float:

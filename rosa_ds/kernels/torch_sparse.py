@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from rosa_ds.adapters.sparse import SparseStructure
+from rosa_ds.kernels.csr import SparseStructure
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 

@@ -35,7 +35,7 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         from rosa_ds.adapters.inject import inject_adapters
-        from rosa_ds.adapters.sparse import SparseStructure
+        from rosa_ds.kernels.csr import SparseStructure
 
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(prep.hf_config)

@@ -1,4 +1,5 @@
-"""The structure of a sparse adapter: a fixed mask in CSR form, with its transpose cached.
+"""The CSR structure of a sparse adapter's fixed mask, with its transpose cached: the format the
+kernels operate on.
 
 Values are not stored here (they are the adapter's trainable parameter); this is the index
 structure the kernels need, built once per mask:
@@ -7,8 +8,9 @@ structure the kernels need, built once per mask:
   reference's int16, so that any dimension up to 2**31 works;
 * ``row_order``: the non-empty rows, most non-zeros first (load balance for row-parallel kernels;
   empty rows get no program);
-* ``t_row_ptr``, ``t_col_idx``, ``t_perm``: the CSR of ``S^T`` and, for each of its entries, the
-  position of the same entry in ``values``, for the input gradient ``dX = dY S``.
+* ``t_row_ptr``, ``t_col_idx``, ``t_perm``, ``t_row_order``: the CSR of ``S^T``, for each of its
+  entries the position of the same entry in ``values``, and its non-empty rows by count, for the
+  input gradient ``dX = dY S``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-FIELDS = ("row_ptr", "col_idx", "row_order", "t_row_ptr", "t_col_idx", "t_perm")
+FIELDS = ("row_ptr", "col_idx", "row_order", "t_row_ptr", "t_col_idx", "t_perm", "t_row_order")
 
 
 @dataclass
@@ -29,6 +31,7 @@ class SparseStructure:
     t_row_ptr: torch.Tensor
     t_col_idx: torch.Tensor
     t_perm: torch.Tensor
+    t_row_order: torch.Tensor | None = None
 
     @property
     def nnz(self) -> int:
@@ -57,6 +60,8 @@ class SparseStructure:
         t_counts = torch.bincount(cols, minlength=in_f)
         t_row_ptr = torch.zeros(in_f + 1, dtype=torch.long)
         t_row_ptr[1:] = torch.cumsum(t_counts, 0)
+        t_nonempty = torch.nonzero(t_counts, as_tuple=False).flatten()
+        t_order = t_nonempty[torch.argsort(t_counts[t_nonempty], descending=True, stable=True)]
         i32 = torch.int32
         return cls(
             shape=(out_f, in_f),
@@ -66,6 +71,7 @@ class SparseStructure:
             t_row_ptr=t_row_ptr.to(i32),
             t_col_idx=rows[t_perm].to(i32),
             t_perm=t_perm.to(i32),
+            t_row_order=t_order.to(i32),
         )
 
     @classmethod

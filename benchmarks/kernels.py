@@ -1,0 +1,119 @@
+"""Sparse-adapter kernels against the dense GEMM of the same shape, on 7B shapes.
+
+SpMM (``x S^T``), SDDMM (value gradient) and sparse-add (``W + S``) at densities 0.15%, 0.6% and
+2.4% for 4096x4096, 4096x11008 and 11008x4096 weights and a few token counts, each against the
+dense GEMM ``x W^T`` measured in the same run. On a GPU it times the Triton kernels and
+``torch.sparse``; on a CPU it times the torch path (torch's CSR kernels), and the Triton figures
+need a GPU. The last line: ``spmm_vs_gemm=X sddmm_vs_gemm=Y add_vs_gemm=Z`` (median ratios).
+
+    python benchmarks/kernels.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rosa_ds.kernels import torch_sparse  # noqa: E402
+from rosa_ds.kernels.csr import SparseStructure  # noqa: E402
+
+
+def timed(fn, repeat: int, sync) -> float:
+    fn()
+    sync()
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096")
+    ap.add_argument("--densities", default="0.0015,0.006,0.024")
+    ap.add_argument("--tokens", default="256,1024")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        from rosa_ds.kernels import triton_sparse as ops
+
+        label = "triton"
+    else:
+        ops, label = torch_sparse, "torch CSR (CPU)"
+    print(f"device={device} dtype={dtype} kernels={label} threads={torch.get_num_threads()}")
+    if not cuda:
+        print("no GPU: these are the CPU path's figures; the Triton kernels need a GPU to time")
+    ratios: dict[str, list[float]] = {"spmm": [], "sddmm": [], "add": []}
+    g = torch.Generator().manual_seed(0)
+    print(
+        f"{'shape':>11} {'density':>8} {'tokens':>6} {'gemm ms':>9} {'spmm':>7} {'sddmm':>7} "
+        f"{'add':>7}   (sparse time / gemm time)"
+    )
+    for shape in args.shapes.split(","):
+        out_f, in_f = (int(v) for v in shape.split("x"))
+        w = torch.randn(out_f, in_f, generator=g).to(device, dtype)
+        for density in (float(d) for d in args.densities.split(",")):
+            numel = out_f * in_f
+            flat = torch.randperm(numel, generator=g)[: round(density * numel)]
+            s = SparseStructure.from_flat_indices(flat, (out_f, in_f))
+            if cuda:
+                s = SparseStructure(
+                    s.shape,
+                    *(
+                        t.to(device)
+                        for t in (
+                            s.row_ptr,
+                            s.col_idx,
+                            s.row_order,
+                            s.t_row_ptr,
+                            s.t_col_idx,
+                            s.t_perm,
+                            s.t_row_order,
+                        )
+                    ),
+                )
+            values = torch.randn(s.nnz, generator=g).to(device, dtype)
+            for tokens in (int(t) for t in args.tokens.split(",")):
+                x = torch.randn(tokens, in_f, generator=g).to(device, dtype)
+                dy = torch.randn(tokens, out_f, generator=g).to(device, dtype)
+                gemm = timed(lambda x=x, w=w: x @ w.T, args.repeat, sync)
+                t_spmm = timed(lambda x=x, s=s, v=values: ops.spmm(x, v, s), args.repeat, sync)
+                t_sddmm = timed(lambda x=x, dy=dy, s=s: ops.sddmm(dy, x, s), args.repeat, sync)
+                if cuda:
+                    t_add = timed(
+                        lambda s=s, v=values, w=w: ops.sparse_add(w, v, s), args.repeat, sync
+                    )
+                else:
+                    flat_idx = s.flat_indices()
+                    t_add = timed(
+                        lambda f=flat_idx, v=values, w=w: w.flatten().index_add(0, f, v),
+                        args.repeat,
+                        sync,
+                    )
+                r = (t_spmm / gemm, t_sddmm / gemm, t_add / gemm)
+                for key, value in zip(ratios, r, strict=True):
+                    ratios[key].append(value)
+                print(
+                    f"{shape:>11} {density:>8.2%} {tokens:>6} {gemm * 1e3:>9.2f} "
+                    f"{r[0]:>7.3f} {r[1]:>7.3f} {r[2]:>7.3f}",
+                    flush=True,
+                )
+    print(" ".join(f"{k}_vs_gemm={statistics.median(v):.3f}" for k, v in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()
