@@ -119,6 +119,11 @@ class AdapterConfig:
         "Sparse kernels: auto (Triton on CUDA tensors, torch CSR kernels otherwise), or "
         "force one (triton on CPU tensors needs TRITON_INTERPRET=1; for testing).",
     )
+    sparse_path: Literal["auto", "spmm", "add"] = _f(
+        "auto",
+        "How the sparse part runs: spmm (a separate sparse product), add (merge S into a "
+        "dense copy of W, one GEMM; the reference's default) or auto (per call, by cost).",
+    )
     resample_every: int | None = _f(
         None,
         "Subspace adaptation: merge, factorize and resample the low-rank adapter every N "

@@ -89,9 +89,10 @@ def build_engine(
     from transformers import get_scheduler
     from transformers.integrations import HfDeepSpeedConfig
 
-    from rosa_ds.kernels.sparse_linear import set_backend
+    from rosa_ds.kernels.sparse_linear import set_backend, set_path
 
     set_backend(cfg.adapter.sparse_kernel)
+    set_path(cfg.adapter.sparse_path)
     placement = init_distributed(cfg.deepspeed.backend)
     ds_config = build_ds_config(cfg, placement.world_size, hidden_size)
     if not training and zero_stage(ds_config) in (1, 2):
@@ -107,6 +108,14 @@ def build_engine(
     if masks is not None:
         check_masks(masks, model, cfg.adapter)
         attach_masks(model, masks)
+        if zero_stage(ds_config) == 3:
+            # the sparse-add path reads the frozen weight in the adapter's own forward
+            from rosa_ds.adapters.inject import adapted_modules
+
+            for module in adapted_modules(model).values():
+                if module.sparse_values is not None:
+                    for p in module.base.parameters(recurse=False):
+                        deepspeed.zero.register_external_parameter(module, p)
     if adapter_state is not None:
         apply_adapter_state(model, adapter_state, allow_missing_sparse=True)
     optimizer = scheduler = rewarm = None

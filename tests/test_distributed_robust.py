@@ -74,6 +74,18 @@ def test_restart_trains_to_lower_loss(which, request):
     assert summary["mask_nnz"] > 0
 
 
+def test_sparse_add_and_spmm_paths_train_alike_under_zero3(zero3, tmp_path_factory):
+    """The tiny runs take the sparse-add path (auto); forcing the separate sparse product
+    gives the same losses and the same mask, ZeRO-3 gathering the frozen weight either way."""
+    _, auto = zero3
+    _, spmm = _run(
+        tmp_path_factory, "z3spmm", "deepspeed.config=zero3", "adapter.sparse_path=spmm", nproc=2
+    )
+    torch.testing.assert_close(
+        torch.tensor(spmm["losses"]), torch.tensor(auto["losses"]), rtol=1e-4, atol=1e-5
+    )
+
+
 def test_continue_trains_to_lower_loss(tmp_path_factory):
     _, summary = _run(
         tmp_path_factory,

@@ -113,3 +113,44 @@ def test_mask_file_roundtrip_and_garbage(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00garbage")
     with pytest.raises(UserError, match="cannot be read"):
         load_masks(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_add_path_equals_spmm_path(bias):
+    """Merging S into a copy of W (one GEMM) computes what the separate sparse product does."""
+    from rosa_ds.kernels import sparse_linear as sl
+
+    torch.manual_seed(0)
+    layer = AdaptedLinear(nn.Linear(17, 33, bias=bias), 4, 8.0)
+    layer.attach_mask(SparseStructure.from_dense_mask(_mask(33, 17, 0.2, 7)))
+    layer.base.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.sparse_values.normal_()
+    x0 = torch.randn(2, 5, 17)
+    results = {}
+    try:
+        for path in ("spmm", "add"):
+            sl.set_path(path)
+            layer.zero_grad()
+            x = x0.clone().requires_grad_()
+            y = layer(x)
+            y.pow(2).sum().backward()
+            results[path] = [
+                y.detach(),
+                x.grad,
+                layer.sparse_values.grad.clone(),
+                layer.lora_A.grad.clone(),
+                layer.lora_B.grad.clone(),
+            ]
+    finally:
+        sl.set_path("auto")
+    for a, b in zip(results["spmm"], results["add"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+def test_sparse_path_cost_model():
+    from rosa_ds.kernels.sparse_linear import use_sparse_add
+
+    assert use_sparse_add(nnz=100, numel=10_000, tokens=512)  # 51,200 > 10,000: merge
+    assert not use_sparse_add(nnz=10, numel=10_000, tokens=8)  # tiny batch: sparse product

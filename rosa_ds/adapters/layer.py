@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rosa_ds.kernels.csr import FIELDS, SparseStructure
-from rosa_ds.kernels.sparse_linear import sparse_linear
+from rosa_ds.kernels.sparse_linear import sparse_add_linear, sparse_linear, use_sparse_add
 
 
 class AdaptedLinear(nn.Module):
@@ -63,13 +63,28 @@ class AdaptedLinear(nn.Module):
         return SparseStructure(self._shape, *(getattr(self, n) for n in FIELDS))
 
     # --- maths -----------------------------------------------------------------------------
+    def _sparse_add(self, x: torch.Tensor) -> bool:
+        """Merge S into the frozen weight for this call? Only for a plain linear base."""
+        if self.sparse_values is None or type(self.base) is not nn.Linear:
+            return False
+        tokens = x.numel() // self.in_features
+        return use_sparse_add(
+            self.sparse_values.numel(), self.out_features * self.in_features, tokens
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        merged = self._sparse_add(x)
+        if merged:
+            out = sparse_add_linear(
+                x, self.base.weight, self.base.bias, self.sparse_values, self.structure
+            )
+        else:
+            out = self.base(x)
         if self.rank:
             h = self.dropout(x).to(self.lora_A.dtype)
             update = F.linear(F.linear(h, self.lora_A), self.lora_B)
             out = out + (self.scale * update).to(out.dtype)
-        if self.sparse_values is not None:
+        if self.sparse_values is not None and not merged:
             out = out + sparse_linear(x, self.sparse_values, self.structure).to(out.dtype)
         return out
 

@@ -18,7 +18,27 @@ from rosa_ds.kernels import torch_sparse
 from rosa_ds.kernels.csr import SparseStructure
 
 BACKENDS = ("auto", "torch", "triton")
+PATHS = ("auto", "spmm", "add")
 _backend = os.environ.get("ROSA_DS_SPARSE_BACKEND", "auto")
+_path = "auto"
+
+
+def set_path(name: str) -> None:
+    """How the sparse part joins the frozen layer: ``spmm`` (a separate sparse product),
+    ``add`` (merge ``S`` into a dense copy of ``W`` and run one GEMM, the reference's default),
+    or ``auto`` (per call, by the cost model of ``use_sparse_add``)."""
+    global _path
+    if name not in PATHS:
+        raise ValueError(f"unknown sparse path {name!r}; choose one of {PATHS}")
+    _path = name
+
+
+def use_sparse_add(nnz: int, numel: int, tokens: int) -> bool:
+    """Sparse-add costs two dense merges (forward, input gradient), O(numel) each; SpMM costs
+    two sparse products, O(nnz x tokens) each; the value gradient (SDDMM) is common to both."""
+    if _path != "auto":
+        return _path == "add"
+    return nnz * tokens > numel
 
 
 def set_backend(name: str) -> None:
@@ -62,6 +82,50 @@ class SparseLinearFunction(torch.autograd.Function):
         dx = ops.spmm_t(dy, values, s) if ctx.needs_input_grad[0] else None
         dv = ops.sddmm(dy, x2d, s).to(values.dtype) if ctx.needs_input_grad[1] else None
         return dx, dv, None
+
+
+class SparseAddLinearFunction(torch.autograd.Function):
+    """``x (W + S)^T + b`` with ``W`` frozen: one dense GEMM per direction on a merged copy.
+
+    The merged weight is rebuilt in backward rather than kept, so no second dense weight stays
+    alive between forward and backward (under ZeRO-3 the weight is gathered again for backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, values, s: SparseStructure):
+        ops = _ops(x2d.device)
+        merged = ops.sparse_add(weight.detach(), values.detach(), s)
+        ctx.structure, ctx.weight, ctx.has_bias = s, weight, bias is not None
+        ctx.save_for_backward(x2d, values)
+        return torch.nn.functional.linear(x2d, merged, bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2d, values = ctx.saved_tensors
+        s = ctx.structure
+        ops = _ops(dy.device)
+        dx = dbias = dv = None
+        if ctx.needs_input_grad[0]:
+            merged = ops.sparse_add(ctx.weight.detach(), values.detach(), s)
+            dx = dy @ merged
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dy.sum(0)
+        if ctx.needs_input_grad[3]:
+            dv = ops.sddmm(dy, x2d, s).to(values.dtype)
+        return dx, None, dbias, dv, None
+
+
+def sparse_add_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    values: torch.Tensor,
+    s: SparseStructure,
+) -> torch.Tensor:
+    """``x (W + S)^T + b`` for x of shape (..., in); ``W`` must not need a gradient."""
+    lead = x.shape[:-1]
+    y = SparseAddLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, values, s)
+    return y.reshape(*lead, s.shape[0])
 
 
 def sparse_linear(x: torch.Tensor, values: torch.Tensor, s: SparseStructure) -> torch.Tensor:

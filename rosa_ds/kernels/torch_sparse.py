@@ -36,3 +36,10 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, s: SparseStructure) -> torch.Tensor
     pattern = _csr(s.row_ptr, s.col_idx, torch.zeros(s.nnz, dtype=torch.float32), s.shape)
     out = torch.sparse.sampled_addmm(pattern, dy.float().T.contiguous(), x.float(), beta=0.0)
     return out.values()
+
+
+def sparse_add(w: torch.Tensor, values: torch.Tensor, s: SparseStructure) -> torch.Tensor:
+    """``W + S`` as a new dense tensor in ``w``'s dtype."""
+    out = w.detach().clone()
+    out.view(-1).index_add_(0, s.flat_indices().to(w.device), values.detach().to(w.dtype))
+    return out

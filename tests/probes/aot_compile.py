@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -21,6 +24,21 @@ from triton.compiler import ASTSource  # noqa: E402
 from rosa_ds.kernels import triton_sparse as ts  # noqa: E402
 
 ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # per-block shared-memory limits (A100, H100)
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def registers(cubin: bytes) -> int | None:
+    """Registers per thread, read from the cubin by the cuobjdump that ships with Triton."""
+    if not CUOBJDUMP.is_file() or not cubin:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
+    found = re.search(r"REG:(\d+)", out)
+    return int(found.group(1)) if found else None
 
 
 def main() -> None:
@@ -47,6 +65,7 @@ def main() -> None:
                             "uses_dot": "tt.dot" in ttir,
                             "tensor_cores": ("wgmma" in ptx) or ("mma.sync" in ptx),
                             "cubin_bytes": len(k.asm.get("cubin", b"")),
+                            "registers": registers(k.asm.get("cubin", b"")),
                         }
                     )
     Path(sys.argv[1]).write_text(json.dumps({"found": found, "compiled": results}, indent=1))
