@@ -68,8 +68,9 @@ def test_single_nonzero_and_empty_mask():
     assert ts.sddmm(torch.randn(2, 3), x, empty).numel() == 0
 
 
+@pytest.mark.parametrize("path", ["spmm", "add"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_adapter_layer_same_through_triton_and_torch(dtype):
+def test_adapter_layer_same_through_triton_and_torch(dtype, path):
     torch.manual_seed(0)
     layer = AdaptedLinear(nn.Linear(17, 33), 4, 8.0)
     layer.attach_mask(SparseStructure.from_dense_mask(_mask(33, 17, 2)))
@@ -79,6 +80,7 @@ def test_adapter_layer_same_through_triton_and_torch(dtype):
     layer.to(dtype)
     x0 = torch.randn(2, 5, 17).to(dtype)
     results = {}
+    sparse_linear.set_path(path)
     for backend in ("torch", "triton"):
         sparse_linear.set_backend(backend)
         layer.zero_grad()
@@ -87,6 +89,7 @@ def test_adapter_layer_same_through_triton_and_torch(dtype):
         y.float().pow(2).sum().backward()
         results[backend] = (y.detach().float(), x.grad.float(), layer.sparse_values.grad.float())
     sparse_linear.set_backend("auto")
+    sparse_linear.set_path("auto")
     for a, b in zip(results["torch"], results["triton"], strict=True):
         # bf16 rounds each of the layer's three terms: compare at the tensor's own scale
         scale = float(a.abs().max()) if dtype != torch.float32 else 1.0

@@ -54,13 +54,16 @@ class AdaptedLinear(nn.Module):
             raise ValueError(f"mask shape {structure.shape} does not match layer {self._shape}")
         for name, tensor in structure.tensors().items():
             self.register_buffer(name, tensor.clone(), persistent=False)
+        self._max_row_nnz = structure.max_row_nnz
         self.sparse_values = nn.Parameter(torch.zeros(structure.nnz))
 
     @property
     def structure(self) -> SparseStructure | None:
         if self.sparse_values is None:
             return None
-        return SparseStructure(self._shape, *(getattr(self, n) for n in FIELDS))
+        return SparseStructure(
+            self._shape, *(getattr(self, n) for n in FIELDS), max_row_nnz=self._max_row_nnz
+        )
 
     # --- maths -----------------------------------------------------------------------------
     def _sparse_add(self, x: torch.Tensor) -> bool:

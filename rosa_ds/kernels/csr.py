@@ -32,6 +32,7 @@ class SparseStructure:
     t_col_idx: torch.Tensor
     t_perm: torch.Tensor
     t_row_order: torch.Tensor | None = None
+    max_row_nnz: int = -1  # the longest row: sizes the SDDMM / sparse-add grids, once per mask
 
     @property
     def nnz(self) -> int:
@@ -72,6 +73,7 @@ class SparseStructure:
             t_col_idx=rows[t_perm].to(i32),
             t_perm=t_perm.to(i32),
             t_row_order=t_order.to(i32),
+            max_row_nnz=int(counts.max()) if counts.numel() else 0,
         )
 
     @classmethod

@@ -173,9 +173,11 @@ SIGNATURES = {
 }
 
 
-def _row_blocks(row_ptr: torch.Tensor) -> int:
-    """Programs per row on the non-zero axis: enough for the longest row (once per mask)."""
-    longest = int((row_ptr[1:] - row_ptr[:-1]).max()) if row_ptr.numel() > 1 else 0
+def _row_blocks(s: SparseStructure) -> int:
+    """Programs per row on the non-zero axis: enough for the longest row (known per mask)."""
+    longest = s.max_row_nnz
+    if longest < 0:  # a structure built by hand, without the count
+        longest = int((s.row_ptr[1:] - s.row_ptr[:-1]).max()) if s.row_ptr.numel() > 1 else 0
     return max(1, triton.cdiv(longest, BLOCK_K))
 
 
@@ -243,7 +245,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, s: SparseStructure) -> torch.Tensor
     out = torch.zeros(s.nnz, dtype=torch.float32, device=x.device)
     rows = s.row_order
     if rows.numel():
-        grid = (rows.numel(), _row_blocks(s.row_ptr))
+        grid = (rows.numel(), _row_blocks(s))
         sddmm_kernel[grid](
             dy,
             x,
@@ -265,7 +267,7 @@ def sparse_add(w: torch.Tensor, values: torch.Tensor, s: SparseStructure) -> tor
     out = w.contiguous().clone()
     rows = s.row_order
     if rows.numel():
-        grid = (rows.numel(), _row_blocks(s.row_ptr))
+        grid = (rows.numel(), _row_blocks(s))
         sparse_add_kernel[grid](
             out, s.row_ptr, s.col_idx, values.contiguous(), rows, out.stride(0), BLOCK_K=BLOCK_K
         )
