@@ -27,7 +27,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rosa-ds", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="rosa-ds",
+        description="Distributed LoRA / RoSA / ROSA fine-tuning of causal LMs on DeepSpeed ZeRO.",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="fine-tune (one process, or one rank under any launcher)")

@@ -66,6 +66,8 @@ def launch(
             entry,
             *args,
         ]
+    elif launcher == "mpirun":  # MPICH from the mpich wheel; DeepSpeed discovers via mpi4py
+        cmd = [str(BIN / "mpirun"), "-n", str(nproc), sys.executable, entry, *args]
     elif launcher == "deepspeed":
         cmd = [
             str(BIN / "deepspeed"),

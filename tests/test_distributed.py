@@ -58,6 +58,18 @@ def test_zero2_two_ranks_deepspeed_launcher_loss_decreases(tmp_path):
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
 
 
+def test_mpirun_two_ranks_match_one_process(single_run, tmp_path):
+    """mpirun -n 2 (rank discovery through MPI) trains exactly like one process."""
+    out = tmp_path / "run"
+    summary = train_ok(
+        [*COMMON, f"output_dir={out}", "deepspeed.config=zero2"], nproc=2, launcher="mpirun"
+    )
+    assert summary["world_size"] == 2
+    torch.testing.assert_close(
+        torch.tensor(summary["losses"]), torch.tensor(single_run[1]["losses"]), rtol=1e-4, atol=1e-5
+    )
+
+
 def test_zero3_two_ranks_loss_decreases(zero3_run):
     _, summary = zero3_run
     assert summary["world_size"] == 2 and summary["zero_stage"] == 3
