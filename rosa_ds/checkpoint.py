@@ -68,6 +68,25 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+FAULT_ENV = "ROSA_DS_FAULT"
+SAVE_POINTS = ("begin", "engine", "extras", "state", "rename")
+
+
+def _fault(point: str, step: int) -> None:
+    """Crash on purpose at a named point of a save, for the tests that prove saves atomic:
+    ``ROSA_DS_FAULT=save:<point>@<step>`` exits this process at once, as a kill would."""
+    if os.environ.get(FAULT_ENV) == f"save:{point}@{step}":
+        os._exit(17)
+
+
+def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoint folders a crash left half-written (ignored by resume, removed by the next save)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not is_complete(p))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -106,6 +125,7 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
+    _fault("begin", step)
     engine.save_checkpoint(
         str(root),
         tag=tmp_tag,
@@ -113,8 +133,10 @@ def save_checkpoint(
         save_latest=False,
         exclude_frozen_parameters=True,
     )
+    _fault("engine", step)
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     write_extras(tmp)
+    _fault("extras", step)
     barrier()
     if rank == 0:
         if masks:
@@ -122,9 +144,11 @@ def save_checkpoint(
 
             save_masks(tmp / MASK_FILE, masks)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        _fault("state", step)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fault("rename", step)
         _write_atomic(root / LATEST, final.name)
         _prune(root, keep)
     barrier()

@@ -8,11 +8,12 @@ output directory.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rosa_ds.checkpoint import checkpoint_root, latest_checkpoint
+from rosa_ds.checkpoint import checkpoint_root, incomplete_checkpoints, latest_checkpoint
 from rosa_ds.config import RunConfig
 from rosa_ds.data.loading import TaskData, load_task_data
 from rosa_ds.data.tokenize import pack, tokenize_records
@@ -71,10 +72,19 @@ def find_resume(output_dir: str, resume: str | None) -> Path | None:
     if (where / "trainer_state.json").is_file():
         return where
     found = latest_checkpoint(where)
+    broken = incomplete_checkpoints(where)
     if found is None:
+        only = f" (only incomplete ones: {', '.join(b.name for b in broken)})" if broken else ""
         raise UserError(
-            f"no complete checkpoint in {where} to resume from; drop --resume to "
+            f"no complete checkpoint in {where} to resume from{only}; drop --resume to "
             "start a new run or point --resume at a checkpoint"
+        )
+    if broken and detect_placement().rank == 0:
+        names = ", ".join(b.name for b in broken)
+        print(
+            f"rosa-ds: warning: ignoring incomplete checkpoint(s) {names} (an interrupted "
+            f"save); resuming from {found.name}",
+            file=sys.stderr,
         )
     return found
 

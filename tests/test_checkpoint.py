@@ -35,3 +35,49 @@ def test_prune_keeps_newest(tmp_path):
     _prune(tmp_path / "checkpoints", keep=2)
     left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert left == [tag_for(6), tag_for(8)]
+
+
+# --- interrupted saves, end to end ------------------------------------------------------------
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+from rosa_ds.checkpoint import SAVE_POINTS  # noqa: E402
+from tests.helpers import child_env, launch, train_ok  # noqa: E402
+
+RUN = [
+    "--config",
+    "tiny-lora",
+    "train.max_steps=8",
+    "train.save_every=4",
+    "eval.num_generate=0",
+    "train.keep_checkpoints=3",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    return train_ok([*RUN, f"output_dir={out}"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", SAVE_POINTS)
+def test_killed_save_leaves_a_resumable_run(point, uninterrupted, tmp_path):
+    """Die at each point of the step-8 save: the step-4 checkpoint (or a complete step-8 one)
+    still loads, and the resumed run ends with the uninterrupted run's losses."""
+    out = tmp_path / "run"
+    proc = launch(
+        ["train", *RUN, f"output_dir={out}"], env=child_env(ROSA_DS_FAULT=f"save:{point}@8")
+    )
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    state = json.loads((out / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+    proc = launch(["train", *RUN, f"output_dir={out}", "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if point in ("engine", "extras", "state"):  # a half-written folder exists
+        assert "ignoring incomplete checkpoint" in proc.stderr
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-5, abs=1e-6)
+    assert not list((out / "checkpoints").glob("*.tmp"))  # the next save cleaned up
