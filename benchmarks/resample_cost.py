@@ -38,33 +38,21 @@ def main() -> None:
 
     from rosa_ds.adapters.resample import resample_all
     from rosa_ds.config import load_config
-    from rosa_ds.data.batching import GlobalBatchSampler, collate
     from rosa_ds.engine import build_engine
     from rosa_ds.preflight import prepare
-    from rosa_ds.train import quiet_libraries
+    from rosa_ds.train import make_sampler, optimizer_step, quiet_libraries
 
     cfg = load_config("smollm2-subspace", ["output_dir=/tmp/unused", *sys.argv[1:]])
     prep = prepare(cfg, resume=None, training=False)
     quiet_libraries()
     built = build_engine(cfg, prep.model_path, prep.tokenizer, prep.hidden_size, training=True)
-    engine, p = built.engine, built.placement
-    sampler = GlobalBatchSampler(
-        len(prep.train_examples),
-        cfg.train.global_batch_size,
-        cfg.train.micro_batch_size,
-        p.rank,
-        p.world_size,
-        cfg.seed,
-    )
-    pad = prep.tokenizer.pad_token_id
+    p = built.placement
+    sampler = make_sampler(cfg, prep, built)
     step_times = []
     for i in range(6):
         dist.barrier()
         t0 = time.perf_counter()
-        for idx in sampler.micro_batches(i):
-            batch = collate([prep.train_examples[j] for j in idx], pad)
-            engine.backward(engine(**batch).loss)
-            engine.step()
+        optimizer_step(built, prep, sampler, i)
         dist.barrier()
         if i >= 1:
             step_times.append(time.perf_counter() - t0)

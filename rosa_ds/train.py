@@ -95,6 +95,35 @@ def evaluate_all(
     return results, samples
 
 
+def make_sampler(cfg: RunConfig, prep: Prepared, built: Built) -> GlobalBatchSampler:
+    p = built.placement
+    return GlobalBatchSampler(
+        len(prep.train_examples),
+        cfg.train.global_batch_size,
+        cfg.train.micro_batch_size,
+        p.rank,
+        p.world_size,
+        cfg.seed,
+    )
+
+
+def optimizer_step(built: Built, prep: Prepared, sampler: GlobalBatchSampler, step: int) -> float:
+    """One optimizer step: this rank's micro-batches of global batch ``step``, each a DeepSpeed
+    backward + step (DeepSpeed steps the optimizer at the boundary). Returns this rank's mean
+    micro-batch loss."""
+    engine = built.engine
+    micro = sampler.micro_batches(step)
+    total = 0.0
+    for indices in micro:
+        batch = collate([prep.train_examples[i] for i in indices], built.tokenizer.pad_token_id)
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        total += float(loss.detach())
+    return total / len(micro)
+
+
 def refresh_lr(engine: Any) -> None:
     """Recompute the learning rates from the schedule at its current step (after a change to
     the re-warm-up, which the schedule would otherwise apply one step late)."""
@@ -166,16 +195,8 @@ class Trainer:
         save: bool = True,
     ) -> None:
         cfg, prep, engine, p = self.cfg, self.prep, built.engine, built.placement
-        sampler = GlobalBatchSampler(
-            len(prep.train_examples),
-            cfg.train.global_batch_size,
-            cfg.train.micro_batch_size,
-            p.rank,
-            p.world_size,
-            cfg.seed,
-        )
+        sampler = make_sampler(cfg, prep, built)
         losses = progress.history.setdefault(key, [])
-        pad = built.tokenizer.pad_token_id
         desc = {"losses": "train", "warmup_losses": "warm-up"}.get(key, key)
         if collector is not None:
             desc = "collect"
@@ -189,17 +210,9 @@ class Trainer:
         )
         engine.train()
         while progress.step < end:
-            micro = sampler.micro_batches(progress.step)
-            step_loss = 0.0
-            for indices in micro:
-                batch = collate([prep.train_examples[i] for i in indices], pad)
-                batch = {k: v.to(engine.device) for k, v in batch.items()}
-                loss = engine(**batch).loss
-                engine.backward(loss)
-                engine.step()
-                step_loss += float(loss.detach()) / len(micro)
+            step_loss = optimizer_step(built, prep, sampler, progress.step)
             if collector is not None:
-                collector.count_micro_batch(len(micro) * p.world_size)
+                collector.count_micro_batch(sampler.global_batch // sampler.micro_batch)
             (step_loss,) = all_reduce_sum([step_loss / p.world_size])
             losses.append(step_loss)
             progress.step += 1

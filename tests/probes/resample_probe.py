@@ -18,11 +18,17 @@ from deepspeed.utils import safe_get_full_optimizer_state  # noqa: E402
 from rosa_ds.adapters.inject import adapted_modules  # noqa: E402
 from rosa_ds.adapters.resample import link_optimizer_states, read_full  # noqa: E402
 from rosa_ds.config import load_config  # noqa: E402
-from rosa_ds.data.batching import GlobalBatchSampler, collate  # noqa: E402
+from rosa_ds.data.batching import collate  # noqa: E402
 from rosa_ds.engine import build_engine  # noqa: E402
 from rosa_ds.preflight import prepare  # noqa: E402
 from rosa_ds.tracking import MetricsLog  # noqa: E402
-from rosa_ds.train import Progress, Trainer, quiet_libraries  # noqa: E402
+from rosa_ds.train import (  # noqa: E402
+    Progress,
+    Trainer,
+    make_sampler,
+    optimizer_step,
+    quiet_libraries,
+)
 
 
 def main() -> None:
@@ -50,21 +56,11 @@ def main() -> None:
         cfg, prep.model_path, prep.tokenizer, prep.hidden_size, training=True, masks=masks
     )
     engine, p = built.engine, built.placement
-    sampler = GlobalBatchSampler(
-        len(prep.train_examples),
-        cfg.train.global_batch_size,
-        cfg.train.micro_batch_size,
-        p.rank,
-        p.world_size,
-        cfg.seed,
-    )
+    sampler = make_sampler(cfg, prep, built)
     pad = prep.tokenizer.pad_token_id
 
     def step(i: int) -> None:
-        for idx in sampler.micro_batches(i):
-            batch = collate([prep.train_examples[j] for j in idx], pad)
-            engine.backward(engine(**batch).loss)
-            engine.step()
+        optimizer_step(built, prep, sampler, i)
 
     for i in range(3):
         step(i)
