@@ -11,7 +11,10 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 MPI_VARS = (
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
@@ -102,6 +105,16 @@ def init_distributed(backend: str = "auto") -> Placement:
     )
 
 
+def comm_device() -> torch.device:
+    """Where small tensors for collectives must live: the GPU for NCCL, the CPU for gloo/MPI."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -114,10 +127,10 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -59,7 +59,11 @@ class GradientCollector:
         }
         self.shapes = {n: (m.out_features, m.in_features) for n, m in self.modules.items()}
         self.shard = {n: math.ceil(o * i / self.world) for n, (o, i) in self.shapes.items()}
-        self.acc = {n: torch.zeros(self.shard[n], dtype=torch.float32) for n in self.modules}
+        # on the weights' device, so that NCCL can reduce-scatter straight into it
+        self.acc = {
+            n: torch.zeros(self.shard[n], dtype=torch.float32, device=m.base.weight.device)
+            for n, m in self.modules.items()
+        }
         self.micro_batches = 0
         self._handles: list = []
 
@@ -133,9 +137,10 @@ class GradientCollector:
         if cfg.robust.budget == "uniform":
             return k
         names = sorted(self.modules)
-        mass = torch.tensor([float(self.acc[n].abs().sum()) for n in names], dtype=torch.float64)
+        mass = torch.stack([self.acc[n].abs().sum().double() for n in names])
         if self.world > 1:
             dist.all_reduce(mass)
+        mass = mass.cpu()
         total = sum(k.values())
         share = mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, 1 / len(names))
         numel = {n: o * i for n, (o, i) in self.shapes.items()}
@@ -148,7 +153,8 @@ class GradientCollector:
         """Every rank calls this and gets the same masks."""
         masks = {}
         for name, k in sorted(self.budgets(cfg).items()):
-            masks[name] = SparseStructure.from_flat_indices(self._topk(name, k), self.shapes[name])
+            flat = self._topk(name, k).cpu()
+            masks[name] = SparseStructure.from_flat_indices(flat, self.shapes[name])
         return masks
 
     def _topk(self, name: str, k: int) -> torch.Tensor:

@@ -182,12 +182,20 @@ def write_trainable(p: nn.Parameter, value: torch.Tensor, has_optimizer: bool) -
 
 
 def broadcast(t: torch.Tensor | None, shape: tuple[int, ...], src: int) -> torch.Tensor:
+    """A small fp32 tensor from ``src`` to every rank (on the device the backend needs)."""
+    from rosa_ds.dist import comm_device
+
     rank, world = _world()
     if world == 1:
         return t
-    buf = t.contiguous() if rank == src else torch.empty(shape, dtype=torch.float32)
+    device = comm_device()
+    buf = (
+        t.to(device, torch.float32).contiguous()
+        if rank == src
+        else torch.empty(shape, dtype=torch.float32, device=device)
+    )
     dist.broadcast(buf, src=src)
-    return buf
+    return buf.cpu()
 
 
 def link_optimizer_states(engine: Any) -> None:
