@@ -83,7 +83,7 @@ class SparseStructure:
     def rows(self) -> torch.Tensor:
         """Row index of each non-zero (COO rows), int64."""
         counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
-        return torch.repeat_interleave(torch.arange(self.shape[0]), counts)
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts)
 
     def flat_indices(self) -> torch.Tensor:
         return self.rows() * self.shape[1] + self.col_idx.long()

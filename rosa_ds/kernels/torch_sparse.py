@@ -33,7 +33,8 @@ def spmm_t(dy: torch.Tensor, values: torch.Tensor, s: SparseStructure) -> torch.
 
 def sddmm(dy: torch.Tensor, x: torch.Tensor, s: SparseStructure) -> torch.Tensor:
     """``(dy^T x)`` sampled at the non-zeros, in CSR order: the gradient of the values."""
-    pattern = _csr(s.row_ptr, s.col_idx, torch.zeros(s.nnz, dtype=torch.float32), s.shape)
+    zeros = torch.zeros(s.nnz, dtype=torch.float32, device=s.row_ptr.device)
+    pattern = _csr(s.row_ptr, s.col_idx, zeros, s.shape)
     out = torch.sparse.sampled_addmm(pattern, dy.float().T.contiguous(), x.float(), beta=0.0)
     return out.values()
 
