@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,14 @@ from typing import Any
 import torch
 
 from rosa_ds.dist import barrier
+from rosa_ds.faults import exit_if
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 MASK_FILE = "masks.safetensors"
 TMP_SUFFIX = ".tmp"
+TAG_RE = re.compile(r"^(step|warmup)-\d{6}$")
+LEFTOVER_RE = re.compile(r"^\.?(step|warmup)-\d{6}(\.tmp|\.old)?$")
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -51,8 +55,11 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 
 def is_complete(folder: Path) -> bool:
+    """A finished checkpoint: a ``step-N``/``warmup-N`` folder (no suffix) with its state file."""
     return (
-        folder.is_dir() and (folder / STATE_FILE).is_file() and not folder.name.endswith(TMP_SUFFIX)
+        folder.is_dir()
+        and TAG_RE.match(folder.name) is not None
+        and (folder / STATE_FILE).is_file()
     )
 
 
@@ -68,23 +75,24 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-FAULT_ENV = "ROSA_DS_FAULT"
 SAVE_POINTS = ("begin", "engine", "extras", "state", "rename")
 
 
 def _fault(point: str, step: int) -> None:
-    """Crash on purpose at a named point of a save, for the tests that prove saves atomic:
-    ``ROSA_DS_FAULT=save:<point>@<step>`` exits this process at once, as a kill would."""
-    if os.environ.get(FAULT_ENV) == f"save:{point}@{step}":
-        os._exit(17)
+    """Crash on purpose at a named point of a save (``ROSA_DS_FAULT=save:<point>@<step>``)."""
+    exit_if(f"save:{point}", step)
 
 
 def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoint folders a crash left half-written (ignored by resume, removed by the next save)."""
+    """Checkpoint folders a crash left half-written: ignored by resume, removed by the next save."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not is_complete(p))
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and LEFTOVER_RE.match(p.name) is not None and not is_complete(p)
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -128,7 +136,8 @@ def save_checkpoint(
     tmp = root / tmp_tag
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in incomplete_checkpoints(output_dir):
+            shutil.rmtree(leftover, ignore_errors=True)
     barrier()
     _fault("begin", step)
     engine.save_checkpoint(
@@ -150,9 +159,13 @@ def save_checkpoint(
             save_masks(tmp / MASK_FILE, masks)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         _fault("state", step)
+        # Never a moment without a complete copy of this step: move the old one aside first.
+        aside = root / f".{final.name}.old"
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
         _fault("rename", step)
         _write_atomic(root / LATEST, final.name)
         _prune(root, keep)
@@ -172,9 +185,10 @@ def load_checkpoint(engine: Any, folder: Path) -> dict[str, Any]:
     """Restore the engine, this rank's RNG, and return the trainer state."""
     import torch.distributed as dist
 
-    _, client = engine.load_checkpoint(
-        str(folder.parent), tag=folder.name, load_module_strict=False
-    )
+    from rosa_ds.reshard import load_elastic
+
+    if not load_elastic(engine, folder):  # True: written by another world size, re-sharded
+        engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
     state = read_state(folder)
     rng_file = folder / f"rng-rank{dist.get_rank()}.pt"
     if rng_file.is_file():

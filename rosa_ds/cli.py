@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from rosa_ds.errors import UserError
+from rosa_ds.errors import TrainingError, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         if _is_main_rank() or os.environ.get("ROSA_DS_ALL_RANKS_REPORT"):
             print(f"rosa-ds: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except TrainingError as exc:  # every rank says it: the main rank may be the one lost
+        print(f"rosa-ds: error: {exc}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:
         code = 130

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -189,6 +190,11 @@ class TrainConfig:
     save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = _f(2, "How many of the newest checkpoints to keep (>= 1).")
     log_every: int = _f(1, "Log metrics every N steps.")
+    max_bad_steps: int = _f(
+        3,
+        "Optimizer steps in a row with a non-finite loss or gradient that are skipped (no "
+        "update) before the run stops with an error; 0 stops at the first.",
+    )
 
 
 @dataclass
@@ -206,10 +212,18 @@ class EvalConfig:
 class DeepSpeedConfig:
     config: str = _f(
         "zero2",
-        "A JSON in ds_configs/ by name (zero2, zero3, zero3_offload, cpu_zero2, ...) or a path.",
+        "A JSON in ds_configs/ by name (zero2, zero3, zero3_offload) or a path.",
     )
     backend: Literal["auto", "nccl", "gloo", "ccl", "mpi"] = _f(
         "auto", "Communication backend; auto: nccl on CUDA, gloo on CPU."
+    )
+    heartbeat_timeout: float = _f(
+        30.0,
+        "Seconds without a heartbeat after which a rank counts as lost and every rank exits "
+        "with an error naming it (0 turns the watchdog off).",
+    )
+    comm_timeout_minutes: float = _f(
+        30.0, "Timeout of a single collective (the process group's), the last line of defence."
     )
 
 
@@ -413,6 +427,13 @@ def validate(cfg: RunConfig) -> None:
             0 <= dens < 1,
             f"adapter.robust.density_patterns[{pattern}] must be in [0, 1), got {dens}",
         )
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UserError(
+                f"adapter.robust.density_patterns key {pattern!r} is not a valid regular "
+                f"expression ({exc}); escape special characters, e.g. 'mlp\\.down_proj'"
+            ) from None
     _require(
         a.rank > 0 or a.sparse,
         f"adapter.rank must be > 0 unless adapter.density > 0 "
@@ -489,6 +510,16 @@ def validate(cfg: RunConfig) -> None:
         "eval.num_generate must be >= 0, eval.max_new_tokens and eval.batch_size > 0",
     )
     _require(e.max_loss_examples >= 0, "eval.max_loss_examples must be >= 0")
+    _require(t.max_bad_steps >= 0, f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}")
+    ds = cfg.deepspeed
+    _require(
+        ds.heartbeat_timeout >= 0,
+        f"deepspeed.heartbeat_timeout must be >= 0 (0: off), got {ds.heartbeat_timeout}",
+    )
+    _require(
+        ds.comm_timeout_minutes > 0,
+        f"deepspeed.comm_timeout_minutes must be > 0, got {ds.comm_timeout_minutes}",
+    )
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -85,8 +85,11 @@ def default_backend(accelerator_name: str) -> str:
     return "nccl" if accelerator_name == "cuda" else "gloo"
 
 
-def init_distributed(backend: str = "auto") -> Placement:
-    """Start the process group through DeepSpeed and return this process's placement."""
+def init_distributed(backend: str = "auto", timeout_minutes: float | None = None) -> Placement:
+    """Start the process group through DeepSpeed (once) and return this process's placement.
+
+    ``timeout_minutes`` bounds every collective, so a hang becomes an error in the end even
+    where the heartbeat watchdog (``rosa_ds.watchdog``) is off."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -94,7 +97,14 @@ def init_distributed(backend: str = "auto") -> Placement:
     prepare_environment(placement)
     if backend == "auto":
         backend = default_backend(get_accelerator().device_name())
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
+    kwargs = {}
+    if timeout_minutes is not None:
+        from datetime import timedelta
+
+        kwargs["timeout"] = timedelta(minutes=timeout_minutes)
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=True, verbose=False, **kwargs
+    )
     import torch.distributed as dist
 
     return Placement(

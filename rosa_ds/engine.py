@@ -93,7 +93,7 @@ def build_engine(
 
     set_backend(cfg.adapter.sparse_kernel)
     set_path(cfg.adapter.sparse_path)
-    placement = init_distributed(cfg.deepspeed.backend)
+    placement = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.comm_timeout_minutes)
     ds_config = build_ds_config(cfg, placement.world_size, hidden_size)
     if not training and zero_stage(ds_config) in (1, 2):
         # ZeRO-1/2 shard optimizer state only; with no optimizer DeepSpeed wants stage 0.

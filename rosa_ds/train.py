@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rosa_ds import faults
 from rosa_ds.adapters.io import adapter_meta, gather_adapter_state, save_adapter, structure_state
 from rosa_ds.adapters.masks import GradientCollector, load_masks, masks_of, save_masks
 from rosa_ds.adapters.resample import resample_all, reset_optimizer_group
@@ -40,12 +42,15 @@ from rosa_ds.checkpoint import (
 )
 from rosa_ds.config import RunConfig, dump_config
 from rosa_ds.data.batching import GlobalBatchSampler, collate
-from rosa_ds.dist import all_reduce_sum, barrier, detect_placement
+from rosa_ds.dist import all_reduce_sum, barrier, detect_placement, init_distributed
 from rosa_ds.engine import Built, build_engine
+from rosa_ds.errors import TrainingError
 from rosa_ds.evaluate import heldout_loss, task_metric
 from rosa_ds.kernels.csr import SparseStructure
+from rosa_ds.numerics import NonFiniteGuard, nonfinite_trainable
 from rosa_ds.preflight import Prepared, prepare
 from rosa_ds.tracking import MetricsLog
+from rosa_ds.watchdog import Watchdog
 
 
 def quiet_libraries() -> None:
@@ -117,8 +122,9 @@ def optimizer_step(built: Built, prep: Prepared, sampler: GlobalBatchSampler, st
     for indices in micro:
         batch = collate([prep.train_examples[i] for i in indices], built.tokenizer.pad_token_id)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        loss = engine(**batch).loss
-        engine.backward(loss)
+        loss = faults.corrupt_loss(engine(**batch).loss, step + 1)
+        with faults.corrupt_gradient(built.model, step + 1):
+            engine.backward(loss)
         engine.step()
         total += float(loss.detach())
     return total / len(micro)
@@ -208,37 +214,61 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
+        guard = NonFiniteGuard(cfg.train.max_bad_steps)
         engine.train()
-        while progress.step < end:
-            step_loss = optimizer_step(built, prep, sampler, progress.step)
-            if collector is not None:
-                collector.count_micro_batch(sampler.global_batch // sampler.micro_batch)
-            (step_loss,) = all_reduce_sum([step_loss / p.world_size])
-            losses.append(step_loss)
-            progress.step += 1
-            done = progress.step
-            lr = engine.get_lr()[0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            if done % cfg.train.log_every == 0:
-                norm = engine.get_global_grad_norm()
-                self.log.log(
-                    done,
-                    phase=progress.phase,
-                    loss=step_loss,
-                    lr=lr,
-                    grad_norm=float(norm) if norm is not None else float("nan"),
-                )
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < end:
-                mid, _ = evaluate_all(cfg, built, prep, with_metric=False)
-                self.log.log(done, phase=progress.phase, **mid)
-            if self.resample_due(progress, end, sampler.steps_per_epoch):
-                self.resample(built, progress)
-            if save and cfg.train.save_every and done % cfg.train.save_every == 0 and done < end:
-                self.save(built, progress)
-        bar.close()
+        try:
+            while progress.step < end:
+                step_loss = optimizer_step(built, prep, sampler, progress.step)
+                if collector is not None:
+                    collector.count_micro_batch(sampler.global_batch // sampler.micro_batch)
+                (step_loss,) = all_reduce_sum([step_loss / p.world_size])
+                losses.append(step_loss)
+                progress.step += 1
+                done = progress.step
+                faults.kill_if(p.rank, done)
+                if guard.check(done, step_loss, engine.was_step_applied()):
+                    progress.history.setdefault("skipped_steps", []).append(done)
+                    self.log.log(done, phase=progress.phase, skipped=1, loss=step_loss)
+                    if p.rank == 0:
+                        tqdm.write(
+                            f"step {done}: non-finite loss or gradient, step skipped "
+                            f"({guard.in_a_row} in a row, train.max_bad_steps={guard.max_bad_steps})",
+                            file=sys.stderr,
+                        )
+                lr = engine.get_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+                if done % cfg.train.log_every == 0:
+                    norm = engine.get_global_grad_norm()
+                    self.log.log(
+                        done,
+                        phase=progress.phase,
+                        loss=step_loss,
+                        lr=lr,
+                        grad_norm=float(norm) if norm is not None else float("nan"),
+                    )
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < end:
+                    mid, _ = evaluate_all(cfg, built, prep, with_metric=False)
+                    self.log.log(done, phase=progress.phase, **mid)
+                if self.resample_due(progress, end, sampler.steps_per_epoch):
+                    self.resample(built, progress)
+                if (
+                    save
+                    and cfg.train.save_every
+                    and done % cfg.train.save_every == 0
+                    and done < end
+                ):
+                    self.save(built, progress)
+        finally:
+            bar.close()  # an error message then starts on a line of its own
 
     def save(self, built: Built, progress: Progress) -> Path:
+        bad = nonfinite_trainable(built.model)
+        if bad:
+            raise TrainingError(
+                f"{bad} adapter tensor(s) hold NaN or Inf at step {progress.step}; no checkpoint "
+                "written. Continue from the last checkpoint with --resume and a lower train.lr"
+            )
         masks = masks_of(built.model)
         resampled = "resample" in progress.history
 
@@ -435,6 +465,7 @@ class Trainer:
             "loss_last": losses[-1] if losses else None,
             "losses": losses,
             "warmup_losses": h.get("warmup_losses", []),
+            "skipped_steps": h.get("skipped_steps", []),
             "accumulator_bytes": h.get("accumulator_bytes"),
             "mask_nnz": h.get("mask_nnz"),
             "before": h.get("before"),
@@ -455,7 +486,20 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
     quiet_libraries()
     trainer = Trainer(cfg, prep)
     trainer.resumed_from = read_state(prep.resume_from)["step"] if prep.resume_from else 0
-    return trainer.run(prep.resume_from)
+    placement = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.comm_timeout_minutes)
+    watchdog = Watchdog(
+        placement.rank,
+        placement.world_size,
+        cfg.deepspeed.heartbeat_timeout,
+        resume_hint="continue from the last checkpoint with --resume",
+    ).start()
+    try:
+        summary = trainer.run(prep.resume_from)
+    except BaseException as exc:
+        watchdog.fail(exc)
+        raise
+    watchdog.finish()
+    return summary
 
 
 def evaluate(cfg: RunConfig, adapter_dir: str | None) -> dict[str, Any]:

@@ -101,6 +101,7 @@ def _atomic_dir_write(folder: Path, write) -> None:
         write(tmp)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)  # a crash's leftover would block the rename
             os.replace(folder, old)
             os.replace(tmp, folder)
             shutil.rmtree(old, ignore_errors=True)

@@ -26,6 +26,7 @@ from torch import nn
 
 from rosa_ds.adapters.inject import adapted_modules
 from rosa_ds.adapters.layer import AdaptedLinear
+from rosa_ds.adapters.svd import robust_svd
 
 SAMPLINGS = ("random_block", "random_subset", "top", "bottom")
 SPLITS = ("balanced", "one_sided")
@@ -80,12 +81,8 @@ def resample_matrix(
 
 
 def _svd(m: torch.Tensor):
-    """Full SVD, falling back to another driver and then to fp64 if LAPACK does not converge."""
-    try:
-        return torch.linalg.svd(m, full_matrices=False)
-    except RuntimeError:
-        u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
-        return u.float(), s.float(), vh.float()
+    """Full SVD that falls back to other drivers and fp64 if LAPACK does not converge."""
+    return robust_svd(m, "merged weight")
 
 
 def svd_cost(shape: tuple[int, int]) -> int:
