@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from rosa_ds.config import RunConfig
 from rosa_ds.errors import UserError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+def _shipped_dir() -> Path:
+    """``ds_configs/`` of a source checkout, else the copy a non-editable install made."""
+    checkout = Path(__file__).resolve().parents[1] / "ds_configs"
+    installed = Path(sys.prefix) / "share" / "rosa-ds" / "ds_configs"
+    return checkout if checkout.is_dir() or not installed.is_dir() else installed
+
+
+DS_CONFIG_DIR = _shipped_dir()
 
 
 def ds_config_path(name_or_path: str) -> Path:

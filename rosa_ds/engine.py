@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rosa_ds.adapters.inject import inject_adapters
+from rosa_ds.adapters.inject import inject_adapters, place_adapters
 from rosa_ds.adapters.io import apply_adapter_state
 from rosa_ds.adapters.masks import attach_masks, check_masks
 from rosa_ds.config import RunConfig
@@ -50,9 +50,10 @@ class ReWarm:
         self.since = -(10**9)  # the step of the last resample
 
     def factor(self, step: int) -> float:
+        """1/steps at the resample, then 2/steps, ... up to 1 after ``steps`` steps."""
         if self.steps <= 0 or step - self.since >= self.steps:
             return 1.0
-        return max(step - self.since, 1) / self.steps
+        return (max(step - self.since, 0) + 1) / self.steps
 
 
 def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -118,6 +119,10 @@ def build_engine(
                         deepspeed.zero.register_external_parameter(module, p)
     if adapter_state is not None:
         apply_adapter_state(model, adapter_state, allow_missing_sparse=True)
+    if zero_stage(ds_config) == 3:
+        from deepspeed.accelerator import get_accelerator
+
+        place_adapters(model, get_accelerator().current_device_name(), dtype)
     optimizer = scheduler = rewarm = None
     if training:
         optimizer = torch.optim.AdamW(

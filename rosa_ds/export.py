@@ -27,11 +27,11 @@ def load_adapted_model(
     """The base model with the adapter from ``adapter_dir`` applied (not merged), and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from rosa_ds.model import load_tokenizer, resolve_model_path
+    from rosa_ds.model import check_model, load_tokenizer
 
     state, meta = load_adapter(adapter_dir)
     model_cfg = ModelConfig(name_or_path=base or meta["base_model"])
-    path = resolve_model_path(model_cfg)
+    path, _ = check_model(model_cfg)  # a typo or an offline hub id: one line, not a traceback
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     tokenizer = load_tokenizer(path, model_cfg)
     if meta["method"] == "subspace":

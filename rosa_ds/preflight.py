@@ -89,8 +89,9 @@ def find_resume(output_dir: str, resume: str | None) -> Path | None:
     return found
 
 
-def check_adapters(cfg: RunConfig, hf_config: Any) -> list[str]:
-    """Match adapter targets (and a mask file, if given) on a weightless copy of the model."""
+def check_adapters(cfg: RunConfig, hf_config: Any, resume_from: Path | None = None) -> list[str]:
+    """Match adapter targets (a mask file, a checkpoint to resume) on a weightless copy of the
+    model."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -120,7 +121,99 @@ def check_adapters(cfg: RunConfig, hf_config: Any) -> list[str]:
                 "masks.safetensors written by an earlier run"
             )
         check_masks(load_masks(mask_file), skeleton, cfg.adapter)
+    if resume_from is not None:
+        check_checkpoint_fits(resume_from, skeleton, cfg)
     return names
+
+
+def _safetensors_shapes(path: Path, what: str, fix: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header; a truncated or foreign file is a UserError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{what} {path} cannot be read ({first}); it is truncated or not a safetensors "
+            f"file: {fix}"
+        ) from None
+
+
+def check_checkpoint_fits(folder: Path, skeleton: Any, cfg: RunConfig) -> None:
+    """The checkpoint was written for this model and adapter config, and its files are whole:
+    checked on every rank before any collective, so a mismatch is one line, not a hang."""
+    from rosa_ds.adapters.inject import adapted_modules
+    from rosa_ds.adapters.masks import check_masks, load_masks
+    from rosa_ds.checkpoint import FROZEN_FILE, MASK_FILE, read_state
+
+    modules = adapted_modules(skeleton)
+    fix = f"resume with the run's own config ({Path(cfg.output_dir) / 'config.yaml'})"
+    broken = "resume from an earlier checkpoint with --resume DIR"
+    phase = read_state(folder).get("phase", "train")
+    meta_file = folder / "adapter" / "adapter.json"
+    if meta_file.is_file():
+        import json
+
+        meta = json.loads(meta_file.read_text())
+        rank = cfg.adapter.rank
+        if phase == "warmup" and rank == 0:
+            rank = cfg.adapter.robust.warmup_rank
+        if sorted(meta.get("modules", [])) != sorted(modules):
+            raise UserError(
+                f"checkpoint {folder} adapts other modules than adapter.targets selects "
+                f"({len(meta.get('modules', []))} vs {len(modules)}); {fix}"
+            )
+        if meta.get("rank") != rank:
+            raise UserError(
+                f"checkpoint {folder} was written with adapter rank {meta.get('rank')}, the "
+                f"config gives {rank}; {fix}"
+            )
+        shapes = _safetensors_shapes(
+            folder / "adapter" / "adapter.safetensors", "adapter file", broken
+        )
+        for name, m in modules.items():
+            key, want = f"{name}.lora_A", (rank, m.in_features)
+            if rank and shapes.get(key) != want:
+                raise UserError(
+                    f"checkpoint {folder}: {key} has shape {shapes.get(key)}, the model "
+                    f"needs {want}; the checkpoint belongs to another model: {fix}"
+                )
+    if phase == "train" and (folder / MASK_FILE).is_file():
+        check_masks(load_masks(folder / MASK_FILE), skeleton, cfg.adapter)
+    if (folder / FROZEN_FILE).is_file():
+        shapes = _safetensors_shapes(folder / FROZEN_FILE, "frozen-weight file", broken)
+        for name, m in modules.items():
+            if shapes.get(name) != (m.out_features, m.in_features):
+                raise UserError(
+                    f"checkpoint {folder}: the frozen weight of {name} has shape "
+                    f"{shapes.get(name)}, the model {(m.out_features, m.in_features)}; {fix}"
+                )
+
+
+def check_weight_files(model_path: str, need_safetensors: bool) -> None:
+    """The model's safetensors files open (a truncated download fails here, in seconds); and
+    subspace adaptation, which re-reads base weights by name, finds them in safetensors."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        if need_safetensors:
+            raise UserError(
+                f"subspace adaptation reads base weights from a local folder, and model "
+                f"{model_path} is not one; download it (huggingface-cli download) and set "
+                "model.name_or_path to the folder"
+            )
+        return
+    files = sorted(folder.glob("*.safetensors"))
+    for file in files:
+        _safetensors_shapes(file, "model weights", "download or convert the model again")
+    has_index = (folder / "model.safetensors.index.json").is_file()
+    if need_safetensors and not ((folder / "model.safetensors").is_file() or has_index):
+        raise UserError(
+            f"subspace adaptation reads base weights from model.safetensors (or its index), "
+            f"and {folder} has none; save the model with save_pretrained(safe_serialization="
+            "True) and point model.name_or_path at it"
+        )
 
 
 def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
@@ -143,7 +236,8 @@ def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
 
     read_ds_config(cfg.deepspeed.config)
     model_path, hf_config = check_model(cfg.model)
-    check_adapters(cfg, hf_config)
+    check_weight_files(model_path, need_safetensors=cfg.adapter.resampling)
+    check_adapters(cfg, hf_config, resume_from)
     data = load_task_data(cfg.data)
     tokenizer = load_tokenizer(model_path, cfg.model)
     train_examples = tokenize_records(

@@ -44,7 +44,7 @@ from rosa_ds.config import RunConfig, dump_config
 from rosa_ds.data.batching import GlobalBatchSampler, collate
 from rosa_ds.dist import all_reduce_sum, barrier, detect_placement, init_distributed
 from rosa_ds.engine import Built, build_engine
-from rosa_ds.errors import TrainingError
+from rosa_ds.errors import TrainingError, UserError
 from rosa_ds.evaluate import heldout_loss, task_metric
 from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.numerics import NonFiniteGuard, nonfinite_trainable
@@ -507,15 +507,76 @@ def evaluate(cfg: RunConfig, adapter_dir: str | None) -> dict[str, Any]:
     from rosa_ds.adapters.io import load_adapter
 
     prep = prepare(cfg, resume=None, training=False)
-    state = None
+    state = masks = None
     if adapter_dir is None and (Path(cfg.output_dir) / "adapter").is_dir():
         adapter_dir = str(Path(cfg.output_dir) / "adapter")
     if adapter_dir is not None:
-        state, _ = load_adapter(adapter_dir)
+        state, meta = load_adapter(adapter_dir)
+        cfg, masks = adapter_as_trained(cfg, prep.hf_config, state, meta, adapter_dir)
     quiet_libraries()
     built = build_engine(
-        cfg, prep.model_path, prep.tokenizer, prep.hidden_size, training=False, adapter_state=state
+        cfg,
+        prep.model_path,
+        prep.tokenizer,
+        prep.hidden_size,
+        training=False,
+        adapter_state=state,
+        masks=masks,
     )
     with torch.no_grad():
         results, samples = evaluate_all(cfg, built, prep, with_metric=True)
     return {"adapter": adapter_dir, **results, "samples": samples[:3]}
+
+
+def adapter_as_trained(
+    cfg: RunConfig,
+    hf_config: Any,
+    state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    adapter_dir: str,
+) -> tuple[RunConfig, dict[str, SparseStructure] | None]:
+    """The adapter settings an adapter folder was trained with (its ``adapter.json`` wins over
+    the config) and its masks, so any method's adapter evaluates as it was trained."""
+    import re
+    from dataclasses import replace
+
+    if meta.get("method") == "subspace":
+        raise UserError(
+            f"{adapter_dir} holds a subspace adapter (an update of varying rank); evaluate its "
+            f"merged model instead: rosa-ds export --adapter {adapter_dir} --out DIR, then "
+            "rosa-ds eval with model.name_or_path=DIR"
+        )
+    sparse = meta.get("sparse_modules", [])
+    masks = None
+    if sparse:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(hf_config)
+        masks = {}
+        for name in sparse:
+            try:
+                shape = tuple(skeleton.get_submodule(name).weight.shape)
+                masks[name] = SparseStructure.from_csr(
+                    state[f"{name}.row_ptr"], state[f"{name}.col_idx"], shape
+                )
+            except (AttributeError, KeyError, ValueError, RuntimeError) as exc:
+                raise UserError(
+                    f"adapter in {adapter_dir} has a broken mask for {name} ({exc}); "
+                    "save it again from its run"
+                ) from None
+    exact = [re.escape(n) for n in meta["modules"]]  # matched at the end of the full name
+    adapter = replace(
+        cfg.adapter,
+        rank=meta["rank"],
+        alpha=meta["alpha"],
+        dropout=0.0,
+        targets=exact,
+        exclude=[],
+        density=0.0,
+        robust=replace(cfg.adapter.robust, density_patterns={}),
+    )
+    if sparse:  # any density > 0 marks the module sparse; the mask itself comes from the file
+        patterns = dict.fromkeys((re.escape(n) for n in sparse), 0.5)
+        adapter = replace(adapter, robust=replace(adapter.robust, density_patterns=patterns))
+    return replace(cfg, adapter=adapter), masks

@@ -103,3 +103,18 @@ def test_inject_freezes_base_and_merge_reproduces_outputs():
     merge_adapters(model)
     assert not adapted_modules(model)
     torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_place_adapters_casts_adapters_and_moves_masks_but_not_the_base():
+    """What ZeRO-3 leaves undone for adapters made after zero.Init: dtype and device."""
+    from rosa_ds.adapters.inject import place_adapters
+    from rosa_ds.kernels.csr import SparseStructure
+
+    layer = AdaptedLinear(nn.Linear(6, 4), rank=2, alpha=4)
+    layer.attach_mask(SparseStructure.from_flat_indices(torch.tensor([1, 7, 20]), (4, 6)))
+    model = nn.Sequential(layer)
+    place_adapters(model, "cpu", torch.bfloat16)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == layer.sparse_values.dtype == torch.bfloat16
+    assert layer.base.weight.dtype == torch.float32
+    assert all(not b.is_floating_point() for b in layer.buffers(recurse=False))
+    assert layer.structure.nnz == 3

@@ -144,6 +144,62 @@ def _case(name: str, tmp: Path) -> tuple[list[str], dict[str, str], str]:
             {},
             "adapter.subspace.sampling must be one of",
         )
+    if name == "model_weights_truncated":
+        import shutil
+
+        from rosa_ds.config import ModelConfig
+        from rosa_ds.model import resolve_model_path
+
+        model = tmp / "model"
+        shutil.copytree(resolve_model_path(ModelConfig()), model)
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1000])
+        return [*base, f"model.name_or_path={model}"], {}, "cannot be read"
+    if name.startswith("resume_"):  # a hand-made checkpoint of this run, broken in one way
+        ckpt = tmp / "out" / "checkpoints" / "step-000002"
+        (ckpt / "adapter").mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text('{"step": 2, "phase": "train", "history": {}}')
+        if name == "resume_other_targets":
+            (ckpt / "adapter" / "adapter.json").write_text('{"modules": ["x"], "rank": 8}')
+            return [*base, "--resume"], {}, "adapts other modules than adapter.targets"
+        if name == "resume_other_rank":
+            from rosa_ds.config import load_config
+            from rosa_ds.model import check_model
+            from rosa_ds.preflight import check_adapters
+
+            cfg = load_config("tiny-lora")
+            names = check_adapters(cfg, check_model(cfg.model)[1])
+            meta = {"modules": names, "rank": cfg.adapter.rank + 4}
+            (ckpt / "adapter" / "adapter.json").write_text(json.dumps(meta))
+            return [*base, "--resume"], {}, "was written with adapter rank"
+        if name == "resume_truncated_frozen":
+            (ckpt / "frozen.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+            sub = ["train", "--config", "tiny-subspace", out, "--resume"]
+            return sub, {}, "frozen-weight file"
+        if name == "resume_incomplete_dir":
+            broken = tmp / "out" / "checkpoints" / "step-000004.tmp"
+            broken.mkdir()
+            return [*base, f"--resume={broken}"], {}, "no complete checkpoint"
+    if name == "density_pattern_not_regex":
+        (tmp / "c.yaml").write_text(
+            "adapter: {density: 0.01, robust: {density_patterns: {'q_proj[': 0.1}}}\n"
+        )
+        return ["train", "--config", str(tmp / "c.yaml"), out], {}, "not a valid regular"
+    if name == "heartbeat_negative":
+        return [*base, "deepspeed.heartbeat_timeout=-1"], {}, "heartbeat_timeout must be >= 0"
+    if name in ("export_base_missing", "eval_subspace_adapter"):
+        from safetensors.torch import save_file
+
+        folder = tmp / "adapter"
+        folder.mkdir()
+        save_file({"x.lora_A": torch.zeros(2, 2)}, str(folder / "adapter.safetensors"))
+        meta = {"method": "subspace", "base_model": "builtin:tiny-llama", "modules": ["x"]}
+        (folder / "adapter.json").write_text(json.dumps(meta))
+        if name == "export_base_missing":
+            cmd = ["export", "--adapter", str(folder), "--base", str(tmp / "nope")]
+            return cmd, {}, "does not exist"
+        cmd = ["eval", "--config", "tiny-lora", out, "--adapter", str(folder)]
+        return cmd, {}, "holds a subspace adapter"
     if name == "bad_subcommand_flag":
         return ["train", "--config", "tiny-lora", "--frobnicate"], {}, "unrecognized arguments"
     raise ValueError(name)
@@ -176,6 +232,15 @@ CASES = [
     "resample_every_zero",
     "resample_rank_too_high",
     "unknown_sampling",
+    "model_weights_truncated",
+    "resume_other_targets",
+    "resume_other_rank",
+    "resume_truncated_frozen",
+    "resume_incomplete_dir",
+    "density_pattern_not_regex",
+    "heartbeat_negative",
+    "export_base_missing",
+    "eval_subspace_adapter",
 ]
 
 

@@ -84,3 +84,24 @@ def test_help_lists_every_key():
         "adapter.targets",
     ):
         assert f"\n{key} = " in "\n" + text
+
+
+def test_wheel_ships_every_deepspeed_config(tmp_path):
+    """A non-editable install must find deepspeed.config=zero2 etc. too."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+        + [str(repo), "-w", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n.rsplit("/", 1)[1] for n in names if "/share/rosa-ds/ds_configs/" in n}
+    assert shipped == {p.name for p in (repo / "ds_configs").glob("*.json")}
+    assert any(n.startswith("rosa_ds/configs/") and n.endswith(".yaml") for n in names)

@@ -52,6 +52,8 @@ def test_sql_gold_queries_execute_and_wrong_ones_fail():
     for rec in generate("sql", 60, 11):
         assert sql_execution_match(rec["answer"], rec["answer"], rec["setup"])
         assert sql_execution_match(f"```sql\n{rec['answer']};\n```", rec["answer"], rec["setup"])
+        assert not sql_execution_match("", rec["answer"], rec["setup"])
+        assert not sql_execution_match("```sql\n```", rec["answer"], rec["setup"])
         assert not sql_execution_match("SELECT nothing FROM nowhere", rec["answer"], rec["setup"])
     rec = next(r for r in generate("sql", 100, 11) if "COUNT(*)" in r["answer"])
     assert not sql_execution_match(

@@ -136,3 +136,13 @@ def test_robust_export_merges_the_sparse_part(tmp_path, rank):
         no_sparse = model(ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert (no_sparse - ref).abs().max() > 1e-4
+    # `rosa-ds eval` rebuilds the adapter from its adapter.json and masks, whatever the config
+    # says about rank and alpha, and reproduces the run's final loss
+    summary = json.loads((out / "summary.json").read_text())
+    proc = launch(
+        ["eval", "--config", "tiny-robust", f"output_dir={out}", "eval.num_generate=0"]
+        + ["adapter.rank=3", "adapter.alpha=1"]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert abs(result["eval_loss"] - summary["after"]["eval_loss"]) < 1e-4

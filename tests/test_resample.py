@@ -145,3 +145,12 @@ def test_lowrank_delta_is_exact_at_its_rank():
     b, a = lowrank_delta(delta, max_rank=12)
     assert a.shape[0] == 5
     torch.testing.assert_close(b @ a, delta, atol=1e-4, rtol=1e-4)
+
+
+def test_rewarm_factor_rises_linearly_without_repeating():
+    from rosa_ds.engine import ReWarm
+
+    rewarm = ReWarm(4)
+    assert rewarm.factor(3) == 1.0  # no resample yet
+    rewarm.since = 10
+    assert [rewarm.factor(s) for s in range(10, 16)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]

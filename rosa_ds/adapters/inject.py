@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 from rosa_ds.adapters.layer import AdaptedLinear
@@ -58,3 +59,18 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 
 def adapted_modules(model: nn.Module) -> dict[str, AdaptedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def place_adapters(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Move the adapters' parameters and mask buffers to ``device``, floating ones to ``dtype``.
+
+    DeepSpeed ZeRO-3 neither moves nor casts a model built under ``zero.Init`` (it takes both
+    as done), so the adapters created afterwards would stay fp32 on the CPU, masks included.
+    ZeRO-1/2 cast and move the whole module in ``deepspeed.initialize``; this does the same for
+    the adapters alone, leaving the partitioned base weights as they are.
+    """
+    for module in adapted_modules(model).values():
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(device, dtype if p.is_floating_point() else p.dtype)
+        for b in module.buffers(recurse=False):
+            b.data = b.data.to(device)

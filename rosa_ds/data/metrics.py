@@ -46,14 +46,18 @@ def _run(conn: sqlite3.Connection, sql: str) -> list[tuple]:
 def sql_execution_match(prediction: str, reference: str, setup: str) -> bool:
     """Execution accuracy: the predicted query returns the reference's rows on the same table.
 
-    Rows are compared as multisets unless the reference orders them.
+    Rows are compared as multisets unless the reference orders them. An empty generation
+    scores False, even where the reference returns no rows.
     """
+    query = extract_sql(prediction)
+    if not query:
+        return False
     conn = sqlite3.connect(":memory:")
     try:
         conn.executescript(setup)
         gold = _run(conn, reference)
         try:
-            pred = _run(conn, extract_sql(prediction))
+            pred = _run(conn, query)
         except (sqlite3.Error, sqlite3.Warning, ValueError):
             return False
     finally:
