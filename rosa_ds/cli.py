@@ -1,7 +1,9 @@
 """``rosa-ds train | eval | export | env``: the command line.
 
-Bad input (config, command line, data) is one line on stderr and exit code 2; other failures
-exit non-zero with the traceback, since they are bugs or broken machines, not user mistakes.
+Bad input (config, command line, data, checkpoints) is one line on stderr and exit code 2. A
+run that cannot go on (a lost rank, non-finite numbers) is one line and exit code 1, naming the
+cause and how to continue. Anything else exits non-zero with the traceback: a bug or a broken
+machine, not a user mistake.
 """
 
 from __future__ import annotations

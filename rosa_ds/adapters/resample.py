@@ -5,7 +5,9 @@ triplets ``I`` are chosen (``random_block``: a contiguous block at a random offs
 reference code; ``random_subset``: a uniform subset, as the paper words it; ``top``;
 ``bottom``); ``W_fixed = W' - U_I S_I V_I^T`` becomes the frozen weight and ``U_I S_I V_I^T``
 the new ``s B A`` (``balanced``: sqrt(S) on each factor; ``one_sided``: all of S on B, as the
-reference). The model's function is unchanged by a resample.
+reference). The model's function is unchanged by a resample up to rounding: exactly (to fp32
+round-off) when the weights are fp32; in bf16, ``W_fixed`` and the factors are rounded to bf16
+once more, which moves the logits by about bf16's precision.
 
 Distributed, every matrix has an owner rank (chosen greedily to balance the SVD cost
 ``m n min(m, n)``); owners work in parallel, one matrix each per round: the owner gathers the
