@@ -89,9 +89,11 @@ def find_resume(output_dir: str, resume: str | None) -> Path | None:
     return found
 
 
-def check_adapters(cfg: RunConfig, hf_config: Any, resume_from: Path | None = None) -> list[str]:
+def check_adapters(
+    cfg: RunConfig, hf_config: Any, resume_from: Path | None = None, training: bool = False
+) -> list[str]:
     """Match adapter targets (a mask file, a checkpoint to resume) on a weightless copy of the
-    model."""
+    model; for training, check the output directory has room for a checkpoint."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -123,7 +125,42 @@ def check_adapters(cfg: RunConfig, hf_config: Any, resume_from: Path | None = No
         check_masks(load_masks(mask_file), skeleton, cfg.adapter)
     if resume_from is not None:
         check_checkpoint_fits(resume_from, skeleton, cfg)
+    if training:
+        check_disk_room(cfg.output_dir, checkpoint_bytes(skeleton, cfg))
     return names
+
+
+def checkpoint_bytes(skeleton: Any, cfg: RunConfig) -> int:
+    """A generous size of one checkpoint: per trainable element the fp32 master weight, Adam's
+    two moments, the model copy and the adapter file (20 bytes); the sparse values at their
+    density; after resamples, the rewritten frozen weights in the training dtype."""
+    from rosa_ds.adapters.inject import adapted_modules
+    from rosa_ds.adapters.masks import module_density
+
+    elements = frozen = 0
+    for name, m in adapted_modules(skeleton).items():
+        numel = m.out_features * m.in_features
+        elements += m.rank * (m.out_features + m.in_features)
+        elements += int(module_density(name, cfg.adapter) * numel)
+        frozen += numel
+    size = 20 * elements
+    if cfg.adapter.resampling:
+        size += frozen * (2 if cfg.train.precision == "bf16" else 4)
+    return size
+
+
+def check_disk_room(output_dir: str, needed: int) -> None:
+    import shutil
+
+    probe = Path(output_dir).expanduser()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise UserError(
+            f"output_dir {output_dir} has {free / 2**30:.2f} GiB free but one checkpoint needs "
+            f"about {needed / 2**30:.2f} GiB; free some space or choose another output_dir"
+        )
 
 
 def _safetensors_shapes(path: Path, what: str, fix: str) -> dict[str, tuple[int, ...]]:
@@ -237,7 +274,7 @@ def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
     read_ds_config(cfg.deepspeed.config)
     model_path, hf_config = check_model(cfg.model)
     check_weight_files(model_path, need_safetensors=cfg.adapter.resampling)
-    check_adapters(cfg, hf_config, resume_from)
+    check_adapters(cfg, hf_config, resume_from, training=training)
     data = load_task_data(cfg.data)
     tokenizer = load_tokenizer(model_path, cfg.model)
     train_examples = tokenize_records(

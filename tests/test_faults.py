@@ -255,3 +255,24 @@ def test_svd_of_a_diverged_matrix_is_a_clear_error():
     m[1, 2] = math.nan
     with pytest.raises(TrainingError, match="holds NaN or Inf"):
         robust_svd(m)
+
+
+# --- room for a checkpoint ---------------------------------------------------------------------
+
+
+def test_output_dir_without_room_for_a_checkpoint_is_refused(monkeypatch, tmp_path):
+    import shutil
+
+    from rosa_ds.config import load_config
+    from rosa_ds.errors import UserError
+    from rosa_ds.model import check_model
+    from rosa_ds.preflight import check_adapters
+
+    cfg = load_config("tiny-lora", [f"output_dir={tmp_path / 'run'}"])
+    hf_config = check_model(cfg.model)[1]
+    check_adapters(cfg, hf_config, training=True)  # plenty of room here
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(UserError, match="GiB free but one checkpoint needs"):
+        check_adapters(cfg, hf_config, training=True)
+    check_adapters(cfg, hf_config, training=False)  # evaluation writes no checkpoint
