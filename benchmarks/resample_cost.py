@@ -40,7 +40,8 @@ def main() -> None:
     from rosa_ds.config import load_config
     from rosa_ds.engine import build_engine
     from rosa_ds.preflight import prepare
-    from rosa_ds.train import make_sampler, optimizer_step, quiet_libraries
+    from rosa_ds.tracking import quiet_libraries
+    from rosa_ds.train import make_sampler, optimizer_step
 
     cfg = load_config("smollm2-subspace", ["output_dir=/tmp/unused", *sys.argv[1:]])
     prep = prepare(cfg, resume=None, training=False)

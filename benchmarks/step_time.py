@@ -100,7 +100,7 @@ def vs_lora(args) -> None:
     from rosa_ds.config import load_config
     from rosa_ds.engine import build_engine
     from rosa_ds.model import load_tokenizer
-    from rosa_ds.train import quiet_libraries
+    from rosa_ds.tracking import quiet_libraries
 
     quiet_libraries()
     base = [

@@ -86,7 +86,7 @@ def run(argv: list[str] | None = None) -> int:
             if _is_main_rank():
                 print_summary(summary)
         else:
-            from rosa_ds.train import evaluate
+            from rosa_ds.evaluate import evaluate
 
             results = evaluate(cfg, args.adapter)
             if _is_main_rank():

@@ -44,60 +44,13 @@ from rosa_ds.config import RunConfig, dump_config
 from rosa_ds.data.batching import GlobalBatchSampler, collate
 from rosa_ds.dist import all_reduce_sum, barrier, detect_placement, init_distributed
 from rosa_ds.engine import Built, build_engine
-from rosa_ds.errors import TrainingError, UserError
-from rosa_ds.evaluate import heldout_loss, task_metric
+from rosa_ds.errors import TrainingError
+from rosa_ds.evaluate import evaluate_all
 from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.numerics import NonFiniteGuard, nonfinite_trainable
 from rosa_ds.preflight import Prepared, prepare
-from rosa_ds.tracking import MetricsLog
+from rosa_ds.tracking import MetricsLog, quiet_libraries
 from rosa_ds.watchdog import Watchdog
-
-
-def quiet_libraries() -> None:
-    import logging
-    import warnings
-
-    import transformers
-    from deepspeed.utils import logger as ds_logger
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    ds_logger.setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-
-
-def evaluate_all(
-    cfg: RunConfig, built: Built, prep: Prepared, with_metric: bool
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    p = built.placement
-    pad = built.tokenizer.pad_token_id
-    results = heldout_loss(
-        built.model,
-        prep.eval_examples,
-        cfg.train.micro_batch_size,
-        pad,
-        p.rank,
-        p.world_size,
-        cfg.eval.max_loss_examples,
-    )
-    samples: list[dict[str, Any]] = []
-    if with_metric and prep.data.metric != "none" and cfg.eval.num_generate:
-        value, samples = task_metric(
-            built.model,
-            built.tokenizer,
-            prep.data.eval,
-            prep.data.metric,
-            num=cfg.eval.num_generate,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            use_chat_template=cfg.data.chat_template,
-            rank=p.rank,
-            world=p.world_size,
-            synced=built.zero_stage == 3 and p.world_size > 1,
-        )
-        results[prep.data.metric] = value
-    return results, samples
 
 
 def make_sampler(cfg: RunConfig, prep: Prepared, built: Built) -> GlobalBatchSampler:
@@ -500,83 +453,3 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
         raise
     watchdog.finish()
     return summary
-
-
-def evaluate(cfg: RunConfig, adapter_dir: str | None) -> dict[str, Any]:
-    """Held-out loss, perplexity and task metric of the base model plus an adapter (if given)."""
-    from rosa_ds.adapters.io import load_adapter
-
-    prep = prepare(cfg, resume=None, training=False)
-    state = masks = None
-    if adapter_dir is None and (Path(cfg.output_dir) / "adapter").is_dir():
-        adapter_dir = str(Path(cfg.output_dir) / "adapter")
-    if adapter_dir is not None:
-        state, meta = load_adapter(adapter_dir)
-        cfg, masks = adapter_as_trained(cfg, prep.hf_config, state, meta, adapter_dir)
-    quiet_libraries()
-    built = build_engine(
-        cfg,
-        prep.model_path,
-        prep.tokenizer,
-        prep.hidden_size,
-        training=False,
-        adapter_state=state,
-        masks=masks,
-    )
-    with torch.no_grad():
-        results, samples = evaluate_all(cfg, built, prep, with_metric=True)
-    return {"adapter": adapter_dir, **results, "samples": samples[:3]}
-
-
-def adapter_as_trained(
-    cfg: RunConfig,
-    hf_config: Any,
-    state: dict[str, torch.Tensor],
-    meta: dict[str, Any],
-    adapter_dir: str,
-) -> tuple[RunConfig, dict[str, SparseStructure] | None]:
-    """The adapter settings an adapter folder was trained with (its ``adapter.json`` wins over
-    the config) and its masks, so any method's adapter evaluates as it was trained."""
-    import re
-    from dataclasses import replace
-
-    if meta.get("method") == "subspace":
-        raise UserError(
-            f"{adapter_dir} holds a subspace adapter (an update of varying rank); evaluate its "
-            f"merged model instead: rosa-ds export --adapter {adapter_dir} --out DIR, then "
-            "rosa-ds eval with model.name_or_path=DIR"
-        )
-    sparse = meta.get("sparse_modules", [])
-    masks = None
-    if sparse:
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(hf_config)
-        masks = {}
-        for name in sparse:
-            try:
-                shape = tuple(skeleton.get_submodule(name).weight.shape)
-                masks[name] = SparseStructure.from_csr(
-                    state[f"{name}.row_ptr"], state[f"{name}.col_idx"], shape
-                )
-            except (AttributeError, KeyError, ValueError, RuntimeError) as exc:
-                raise UserError(
-                    f"adapter in {adapter_dir} has a broken mask for {name} ({exc}); "
-                    "save it again from its run"
-                ) from None
-    exact = [re.escape(n) for n in meta["modules"]]  # matched at the end of the full name
-    adapter = replace(
-        cfg.adapter,
-        rank=meta["rank"],
-        alpha=meta["alpha"],
-        dropout=0.0,
-        targets=exact,
-        exclude=[],
-        density=0.0,
-        robust=replace(cfg.adapter.robust, density_patterns={}),
-    )
-    if sparse:  # any density > 0 marks the module sparse; the mask itself comes from the file
-        patterns = dict.fromkeys((re.escape(n) for n in sparse), 0.5)
-        adapter = replace(adapter, robust=replace(adapter.robust, density_patterns=patterns))
-    return replace(cfg, adapter=adapter), masks

@@ -21,14 +21,8 @@ from rosa_ds.config import load_config  # noqa: E402
 from rosa_ds.data.batching import collate  # noqa: E402
 from rosa_ds.engine import build_engine  # noqa: E402
 from rosa_ds.preflight import prepare  # noqa: E402
-from rosa_ds.tracking import MetricsLog  # noqa: E402
-from rosa_ds.train import (  # noqa: E402
-    Progress,
-    Trainer,
-    make_sampler,
-    optimizer_step,
-    quiet_libraries,
-)
+from rosa_ds.tracking import MetricsLog, quiet_libraries  # noqa: E402
+from rosa_ds.train import Progress, Trainer, make_sampler, optimizer_step  # noqa: E402
 
 
 def main() -> None:
