@@ -88,15 +88,23 @@ def test_help_lists_every_key():
 
 def test_wheel_ships_every_deepspeed_config(tmp_path):
     """A non-editable install must find deepspeed.config=zero2 etc. too."""
+    import shutil
     import subprocess
     import sys
     import zipfile
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # build from a copy: the build leaves a build/ folder behind
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "rosa_ds", "launcher", "ds_configs"):
+        if (repo / name).is_dir():
+            shutil.copytree(repo / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            src.mkdir(exist_ok=True)
+            shutil.copy(repo / name, src / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-        + [str(repo), "-w", str(tmp_path)],
+        + [str(src), "-w", str(tmp_path)],
         check=True,
         capture_output=True,
     )
