@@ -1,0 +1,100 @@
+"""The project's own sbatch templates on a real one-node SLURM cluster (slurm-wlm + munge on
+loopback, started and stopped by tests/slurm_cluster.py): 2 ranks of `tiny-lora` through srun,
+and through the deepspeed launcher inside one task. Skipped, with the reason, where no cluster
+can be started (SLURM not installed, not root)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rosa_ds.checkpoint import checkpoint_root, latest_checkpoint, tag_for
+from tests.helpers import REPO, child_env
+from tests.slurm_cluster import ClusterError, LocalSlurm
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STEPS = 6
+TRAIN_ARGS = [f"train.max_steps={STEPS}", "train.save_every=3", "eval.num_generate=0"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = LocalSlurm.unavailable()
+    if reason:
+        pytest.skip(reason)
+    try:
+        c = LocalSlurm.start(tmp_path_factory.mktemp("slurm"), cpus=2)
+    except (ClusterError, OSError) as exc:
+        pytest.skip(f"local SLURM cluster did not start: {str(exc)[:1500]}")
+    yield c
+    c.stop()
+
+
+def _job_env() -> dict[str, str]:
+    """The submitting shell's environment (sbatch exports it): the project's Python, the
+    repository, the config; OMP_NUM_THREADS is left to the template."""
+    env = child_env(ROSA_DS_PYTHON=sys.executable, ROSA_DS_HOME=str(REPO), CONFIG="tiny-lora")
+    env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
+def _submit(cluster: LocalSlurm, tmp_path: Path, template: str, sbatch_opts: list[str]):
+    out = tmp_path / "run"
+    log = tmp_path / "job-%j.out"
+    t0 = time.time()
+    job = cluster.sbatch(
+        [*sbatch_opts, f"--output={log}", str(REPO / "slurm" / template), f"output_dir={out}"]
+        + TRAIN_ARGS,
+        env=_job_env(),
+        cwd=REPO,
+    )
+    info = cluster.wait(job, timeout=600)
+    text = Path(str(log).replace("%j", str(job))).read_text(errors="replace")
+    ckpt = latest_checkpoint(out)
+    print(
+        f"\nslurm {template}: job {job} state={info.get('JobState')} "
+        f"exit={info.get('ExitCode')} elapsed={info.get('RunTime')} "
+        f"wall={time.time() - t0:.1f}s checkpoint={ckpt}"
+    )
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (
+        f"{info}\n--- job output\n{text[-5000:]}\n{cluster.logs()[-3000:]}"
+    )
+    assert ckpt == checkpoint_root(out) / tag_for(STEPS), text[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    return summary, text
+
+
+def test_srun_template_two_tasks_cpu(cluster, tmp_path):
+    """slurm/multi_node_srun.sbatch, 2 tasks: each task finds rank/world/master from SLURM."""
+    summary, text = _submit(cluster, tmp_path, "multi_node_srun.sbatch", ["--ntasks=2"])
+    assert summary["world_size"] == 2, text[-3000:]
+    assert len(summary["losses"]) == STEPS
+    assert "DS_ACCELERATOR=cpu" in text  # the template saw no GPU and chose the CPU
+    assert "2 rank(s) on 1 node(s) through srun" in text
+
+
+def test_deepspeed_template_one_task_two_ranks_cpu(cluster, tmp_path):
+    """slurm/single_node_deepspeed.sbatch: one task, the deepspeed launcher starts 2 ranks."""
+    summary, text = _submit(cluster, tmp_path, "single_node_deepspeed.sbatch", [])
+    assert summary["world_size"] == 2, text[-3000:]
+    assert len(summary["losses"]) == STEPS
+    assert "2 rank(s) through the deepspeed launcher" in text
+
+
+def test_hostfile_inside_an_allocation(cluster, tmp_path):
+    """python -m launcher.hostfile in a 2-task job: the node, 2 slots (SLURM_TASKS_PER_NODE)."""
+    log = tmp_path / "hostfile-%j.out"
+    job = cluster.sbatch(
+        ["--ntasks=2", f"--output={log}", "--wrap", f"{sys.executable} -m launcher.hostfile"],
+        env=_job_env(),
+        cwd=REPO,
+    )
+    info = cluster.wait(job, timeout=120)
+    text = Path(str(log).replace("%j", str(job))).read_text()
+    assert info.get("JobState") == "COMPLETED", f"{info}\n{text}"
+    assert text == f"{cluster.host} slots=2\n"
