@@ -20,6 +20,8 @@ world size; the trainer restores them as for any resume.
 
 from __future__ import annotations
 
+import importlib
+import pickle
 import re
 import sys
 from dataclasses import dataclass, field
@@ -64,8 +66,27 @@ def saved_world_size(folder: Path) -> int | None:
     return len(optim_files(folder)) or None
 
 
+_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
 def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A DeepSpeed checkpoint file, unpickled with ``weights_only=True``: besides tensors and
+    plain containers, only classes of DeepSpeed itself (its loss scaler, ZeRO stage enum,
+    fragment addresses) are allowed, added one at a time as the file names them."""
+    allowed: list[Any] = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = _UNSUPPORTED.search(str(exc))
+            if not found or not found.group(1).startswith("deepspeed."):
+                raise UserError(
+                    f"{path} holds objects other than tensors and DeepSpeed's own classes "
+                    f"({found.group(1) if found else exc}); refusing to unpickle it"
+                ) from None
+            module, _, name = found.group(1).rpartition(".")
+            allowed.append(getattr(importlib.import_module(module), name))
 
 
 def _model_states(folder: Path) -> dict[str, Any]:

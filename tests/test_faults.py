@@ -276,3 +276,35 @@ def test_output_dir_without_room_for_a_checkpoint_is_refused(monkeypatch, tmp_pa
     with pytest.raises(UserError, match="GiB free but one checkpoint needs"):
         check_adapters(cfg, hf_config, training=True)
     check_adapters(cfg, hf_config, training=False)  # evaluation writes no checkpoint
+
+
+# --- safe loading -----------------------------------------------------------------------------
+
+
+class Payload:
+    """Stands for any object a tampered checkpoint could smuggle in."""
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    import re
+
+    calls = []
+    for path in [*(REPO / "rosa_ds").rglob("*.py"), *(REPO / "launcher").rglob("*.py")]:
+        text = path.read_text()
+        for match in re.finditer(r"torch\.load\(", text):
+            end = text.index(")\n", match.end())
+            calls.append((path.name, text[match.end() : end]))
+    assert calls  # the pattern still finds the calls
+    unsafe = [(name, args) for name, args in calls if "weights_only=True" not in args]
+    assert not unsafe, unsafe
+
+
+def test_deepspeed_checkpoint_reader_refuses_foreign_objects(tmp_path):
+    from rosa_ds.errors import UserError
+    from rosa_ds.reshard import _load
+
+    torch.save({"weights": torch.ones(2)}, tmp_path / "plain.pt")
+    assert torch.equal(_load(tmp_path / "plain.pt")["weights"], torch.ones(2))
+    torch.save({"weights": torch.ones(2), "extra": Payload()}, tmp_path / "tampered.pt")
+    with pytest.raises(UserError, match="refusing to unpickle"):
+        _load(tmp_path / "tampered.pt")
