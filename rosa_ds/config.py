@@ -142,6 +142,30 @@ class AdapterConfig:
 
 
 @dataclass
+class QuantConfig:
+    """4-bit frozen weights (QLoRA-style), through bitsandbytes' functional API."""
+
+    bits: int = _f(16, "16: frozen weights in the training dtype; 4: quantized to 4 bits.")
+    type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type: nf4 (NormalFloat, QLoRA) or fp4.")
+    block_size: int = _f(64, "Weights per quantization block (one absmax scale each).")
+    double_quant: bool = _f(
+        True, "Quantize the block scales too (8-bit, QLoRA's double quantization)."
+    )
+    compute_dtype: Literal["auto", "bf16", "fp32"] = _f(
+        "auto", "Dtype the weight is dequantized to for the matmuls; auto: train.precision."
+    )
+    all_linear: bool = _f(
+        False,
+        "Also quantize the linear layers that are not adapted (all but the output head); "
+        "default: only the adapted layers' frozen weights.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits == 4
+
+
+@dataclass
 class DataConfig:
     dataset: str = _f(
         "arithmetic",
@@ -234,6 +258,7 @@ class RunConfig:
     seed: int = _f(42, "Seed of model, adapter, data order and dropout.")
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -511,6 +536,13 @@ def validate(cfg: RunConfig) -> None:
     )
     _require(e.max_loss_examples >= 0, "eval.max_loss_examples must be >= 0")
     _require(t.max_bad_steps >= 0, f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}")
+    q = cfg.quant
+    _require(q.bits in (4, 16), f"quant.bits must be 16 or 4, got {q.bits}; e.g. quant.bits=4")
+    _require(
+        q.block_size in (32, 64, 128, 256, 512, 1024, 2048, 4096),
+        f"quant.block_size must be a power of two from 32 to 4096, got {q.block_size}; "
+        "e.g. quant.block_size=64",
+    )
     ds = cfg.deepspeed
     _require(
         ds.heartbeat_timeout >= 0,

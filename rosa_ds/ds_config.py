@@ -15,6 +15,7 @@ from typing import Any
 from rosa_ds.config import RunConfig
 from rosa_ds.errors import UserError
 
+
 def _shipped_dir() -> Path:
     """``ds_configs/`` of a source checkout, else the copy a non-editable install made."""
     checkout = Path(__file__).resolve().parents[1] / "ds_configs"

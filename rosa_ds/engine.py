@@ -102,9 +102,9 @@ def build_engine(
     dtype = torch_dtype(cfg.train.precision)
     # Keeping this object alive makes from_pretrained build the model partitioned (zero.Init).
     hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
-    model = load_model(model_path, cfg.model, dtype)
-    torch.manual_seed(cfg.adapter.init_seed if cfg.adapter.init_seed is not None else cfg.seed)
     adapter_cfg = cfg.adapter if rank is None else replace(cfg.adapter, rank=rank)
+    model = load_model(model_path, cfg.model, dtype, quant=cfg.quant, adapter=adapter_cfg)
+    torch.manual_seed(cfg.adapter.init_seed if cfg.adapter.init_seed is not None else cfg.seed)
     adapted = inject_adapters(model, adapter_cfg)
     if masks is not None:
         check_masks(masks, model, cfg.adapter)

@@ -2,6 +2,8 @@
 
 Runs in one process without DeepSpeed: the base model is loaded, each adapted weight gets
 ``W + s B A`` added in fp32, and the result is saved with ``save_pretrained`` in the base's dtype.
+An adapter trained on 4-bit frozen weights is merged into ``deq(q(W))`` (rebuilt exactly), the
+weights it was trained against, so the bf16 merged model computes what the 4-bit model did.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ def load_adapted_model(
     path, _ = check_model(model_cfg)  # a typo or an offline hub id: one line, not a traceback
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     tokenizer = load_tokenizer(path, model_cfg)
+    if meta.get("quant"):  # trained on 4-bit weights: merge into deq(q(W_0)), what it saw
+        from rosa_ds.quant.files import rebuild_trained_base
+
+        rebuild_trained_base(model, meta["quant"], path)
     if meta["method"] == "subspace":
         return _apply_subspace_delta(model, state, meta, adapter_dir), tokenizer, meta
     names = meta["modules"]

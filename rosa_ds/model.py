@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rosa_ds.config import ModelConfig
+from rosa_ds.config import AdapterConfig, ModelConfig, QuantConfig
 from rosa_ds.errors import UserError
 
 if TYPE_CHECKING:
@@ -190,13 +190,34 @@ def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(path: str, cfg: ModelConfig, dtype: Any) -> PreTrainedModel:
-    """``from_pretrained``; under an active ``HfDeepSpeedConfig`` (ZeRO-3) it loads partitioned."""
+def load_model(
+    path: str,
+    cfg: ModelConfig,
+    dtype: Any,
+    quant: QuantConfig | None = None,
+    adapter: AdapterConfig | None = None,
+) -> PreTrainedModel:
+    """``from_pretrained``; under an active ``HfDeepSpeedConfig`` (ZeRO-3) it loads partitioned.
+
+    With ``quant.bits=4`` the frozen weights of the layers ``adapter`` targets (or of every
+    linear layer) are quantized while loading (``rosa_ds.quant.load``)."""
     from transformers import AutoModelForCausalLM
 
+    if quant is not None and quant.enabled:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        from rosa_ds.quant.load import load_quantized_model
+
+        return load_quantized_model(
+            path, cfg, dtype, quant, adapter, partitioned=is_deepspeed_zero3_enabled()
+        )
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype
     )
+    return finish_model(model, cfg)
+
+
+def finish_model(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -221,6 +221,9 @@ def check_checkpoint_fits(folder: Path, skeleton: Any, cfg: RunConfig) -> None:
         check_masks(load_masks(folder / MASK_FILE), skeleton, cfg.adapter)
     if (folder / FROZEN_FILE).is_file():
         shapes = _safetensors_shapes(folder / FROZEN_FILE, "frozen-weight file", broken)
+        from rosa_ds.quant.files import frozen_file_shapes
+
+        shapes.update(frozen_file_shapes(folder / FROZEN_FILE))  # 4-bit records: their matrix
         for name, m in modules.items():
             if shapes.get(name) != (m.out_features, m.in_features):
                 raise UserError(

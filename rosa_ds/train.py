@@ -271,11 +271,15 @@ class Trainer:
         state["seconds"].append(round(report.seconds, 4))
         state["indices"] = report.indices
         state["owners"] = report.owners
+        requant = report.requant_summary()  # 4-bit frozen weights: the re-quantization error
+        if requant is not None:
+            state.setdefault("requant", []).append(requant)
         self.log.log(
             progress.step,
             phase="resample",
             resample_count=state["count"],
             resample_seconds=report.seconds,
+            **{f"requant_{k}": v for k, v in (requant or {}).items()},
         )
 
     def restore_resample_state(self, built: Built, progress: Progress, folder: Path) -> None:
@@ -421,6 +425,7 @@ class Trainer:
             "skipped_steps": h.get("skipped_steps", []),
             "accumulator_bytes": h.get("accumulator_bytes"),
             "mask_nnz": h.get("mask_nnz"),
+            "requant_errors": h.get("resample", {}).get("requant"),
             "before": h.get("before"),
             "after": h.get("after"),
             "checkpoint": str(ckpt),

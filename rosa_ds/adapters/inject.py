@@ -10,6 +10,7 @@ from torch import nn
 from rosa_ds.adapters.layer import AdaptedLinear
 from rosa_ds.config import AdapterConfig
 from rosa_ds.errors import UserError
+from rosa_ds.quant.linear import QuantizedLinear
 
 ALL_LINEAR = "all-linear"
 
@@ -21,7 +22,8 @@ def _matches(name: str, pattern: str) -> bool:
 
 def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Names of the linear modules that ``cfg.targets`` selects and ``cfg.exclude`` does not."""
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    kinds = (nn.Linear, QuantizedLinear)  # a 4-bit layer is targeted like the layer it replaced
+    linear = [n for n, m in model.named_modules() if isinstance(m, kinds) and n]
     for pattern in cfg.targets + cfg.exclude:
         if pattern == ALL_LINEAR:
             continue

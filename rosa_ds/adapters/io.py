@@ -80,7 +80,9 @@ def adapter_meta(model: nn.Module, base_model: str) -> dict[str, Any]:
     first = next(iter(modules.values()))
     sparse = sorted(n for n, m in modules.items() if m.sparse_values is not None)
     method = ("robust" if first.rank else "sparse") if sparse else "lora"
-    return {
+    from rosa_ds.quant.files import quant_meta
+
+    return quant_meta(model) | {
         "format": "rosa-ds-adapter",
         "version": 1,
         "method": method,

@@ -3,7 +3,8 @@
     y = base(x) + s * dropout(x) A^T B^T + x S^T          s = alpha / r
 
 ``base`` stays the original module, called as a module, so DeepSpeed ZeRO-3 gathers its
-partitioned weight through its own hooks and a quantized base can take its place later.
+partitioned weight through its own hooks and a 4-bit ``QuantizedLinear`` (``rosa_ds.quant``)
+can take its place.
 With rank 0 there is no low-rank part (SpA); with no mask there is no sparse part (LoRA); with
 both it is RoSA. ``S`` has a fixed mask (``SparseStructure``, kept as buffers so it follows the
 module's device) and trainable ``sparse_values``, which start at zero so that attaching a mask
@@ -91,9 +92,15 @@ class AdaptedLinear(nn.Module):
             out = out + sparse_linear(x, self.sparse_values, self.structure).to(out.dtype)
         return out
 
+    @property
+    def frozen_device(self) -> torch.device:
+        """Where the frozen weight lives (a plain or a 4-bit quantized base)."""
+        base = self.base
+        return base.device if hasattr(base, "qweight") else base.weight.device
+
     def delta_weight(self) -> torch.Tensor:
         """The dense update the adapter adds to ``base.weight`` (fp32)."""
-        delta = torch.zeros(self._shape, device=self.base.weight.device)
+        delta = torch.zeros(self._shape, device=self.frozen_device)
         if self.rank:
             delta = delta + self.scale * (self.lora_B.float() @ self.lora_A.float())
         if self.sparse_values is not None:

@@ -61,7 +61,7 @@ class GradientCollector:
         self.shard = {n: math.ceil(o * i / self.world) for n, (o, i) in self.shapes.items()}
         # on the weights' device, so that NCCL can reduce-scatter straight into it
         self.acc = {
-            n: torch.zeros(self.shard[n], dtype=torch.float32, device=m.base.weight.device)
+            n: torch.zeros(self.shard[n], dtype=torch.float32, device=m.frozen_device)
             for n, m in self.modules.items()
         }
         self.micro_batches = 0

@@ -15,11 +15,17 @@ full weight (a ZeRO-3 gather, or the local copy under ZeRO-0/1/2), factorizes, d
 indices, writes ``W_fixed`` back to where its shards live and broadcasts the new factors, which
 every rank writes into DeepSpeed's fp32 master copy and the model copy. No rank keeps more than
 the matrix it owns in a round.
+
+With 4-bit frozen weights (``rosa_ds.quant``) the owner gathers the records and dequantizes them
+to fp32, merges and factorizes as above, re-quantizes ``W_fixed`` and scatters the records; the
+re-quantization changes the function by ``deq(q(W_fixed)) - W_fixed``, whose Frobenius norm the
+owner measures and every rank receives (``ResampleReport.requant``). Across resamples these
+errors add up: their sum bounds how far the frozen weights have drifted from exact arithmetic.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -251,6 +257,24 @@ class ResampleReport:
     indices: dict[str, list[int]]
     owners: dict[str, int]
     seconds: float
+    # 4-bit frozen weights: per matrix ``{"abs": ||deq(q(W_fixed)) - W_fixed||_F, "norm":
+    # ||W_fixed||_F}``, the error the re-quantization of this resample added
+    requant: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def requant_summary(self) -> dict[str, float] | None:
+        """Relative Frobenius re-quantization error of this resample: the worst and mean matrix,
+        and over all matrices together (sqrt(sum abs^2) / sqrt(sum norm^2))."""
+        if not self.requant:
+            return None
+        rel = [e["abs"] / e["norm"] if e["norm"] > 0 else 0.0 for e in self.requant.values()]
+        abs2 = sum(e["abs"] ** 2 for e in self.requant.values())
+        norm2 = sum(e["norm"] ** 2 for e in self.requant.values())
+        return {
+            "rel_max": max(rel),
+            "rel_mean": sum(rel) / len(rel),
+            "rel_total": (abs2 / norm2) ** 0.5 if norm2 > 0 else 0.0,
+            "abs_max": max(e["abs"] for e in self.requant.values()),
+        }
 
 
 def resample_all(
@@ -277,11 +301,15 @@ def resample_all(
     shapes = {n: (modules[n].out_features, modules[n].in_features) for n in names}
     owners = assign_owners(shapes, 1 if single_owner else world)
     indices: dict[str, list[int]] = {}
+    requant: dict[str, dict[str, float]] = {}
     for batch in rounds(owners, world):
         results: dict[str, Factorized] = {}
         for name in batch:  # gather: every rank takes part, only the owner keeps a copy
             m, own = modules[name], owners[name] == rank
-            w = read_full(m.base.weight, master=False, keep=own)
+            if _quantized(m):  # 4-bit: gathered and dequantized to fp32
+                w = m.base.read_full(keep=own)
+            else:
+                w = read_full(m.base.weight, master=False, keep=own)
             a = read_full(m.lora_A, master=has_optimizer, keep=own)
             b = read_full(m.lora_B, master=has_optimizer, keep=own)
             if own:
@@ -294,7 +322,13 @@ def resample_all(
         for name in batch:  # scatter: W_fixed to its shards, factors to every rank
             m, owner = modules[name], owners[name]
             f = results.get(name)
-            write_frozen(m.base.weight, f.w_fixed if f else None, owner)
+            if _quantized(m):  # re-quantized by the owner, which measures the error it adds
+                err = m.base.write_full(f.w_fixed if f else None, owner)
+                pair = torch.tensor([err.abs, err.norm]) if f else None
+                e = broadcast(pair, (2,), owner)
+                requant[name] = {"abs": float(e[0]), "norm": float(e[1])}
+            else:
+                write_frozen(m.base.weight, f.w_fixed if f else None, owner)
             r = m.rank
             a = broadcast(f.a if f else None, (r, m.in_features), owner)
             b = broadcast(f.b if f else None, (m.out_features, r), owner)
@@ -302,7 +336,11 @@ def resample_all(
             write_trainable(m.lora_A, a, has_optimizer)
             write_trainable(m.lora_B, b, has_optimizer)
             indices[name] = [int(i) for i in idx.tolist()]
-    return ResampleReport(count, indices, owners, time.perf_counter() - t0)
+    return ResampleReport(count, indices, owners, time.perf_counter() - t0, requant)
+
+
+def _quantized(m: AdaptedLinear) -> bool:
+    return hasattr(m.base, "qweight")
 
 
 def lowrank_delta(
