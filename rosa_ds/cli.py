@@ -1,4 +1,4 @@
-"""``rosa-ds train | eval | export | env``: the command line.
+"""``rosa-ds train | eval | export | env | plan``: the command line.
 
 Bad input (config, command line, data, checkpoints) is one line on stderr and exit code 2. A
 run that cannot go on (a lost rank, non-finite numbers) is one line and exit code 1, naming the
@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto")
     p = sub.add_parser("env", help="installed packages, accelerator, backend and kernels")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("plan", help="memory and communication per GPU, before any run")
+    from rosa_ds.plan import add_arguments as add_plan_arguments  # pure Python, no torch
+
+    add_plan_arguments(p)
     return parser
 
 
@@ -109,6 +113,10 @@ def run(argv: list[str] | None = None) -> int:
         report = environment_report()
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         return 0
+    if args.command == "plan":
+        from rosa_ds.plan import run_plan
+
+        return run_plan(args)
     raise AssertionError(args.command)
 
 
