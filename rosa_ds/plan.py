@@ -59,8 +59,8 @@ trainable gradients (every micro-batch at stage 2, once per step at stage 1) and
 updated trainable parameters once per step; ZeRO-3 reduce-scatters the gradients every
 micro-batch and all-gathers every partitioned parameter, frozen ones included, in forward and
 again in backward (no all-gather after the step). A mask collection reduce-scatters the fp32
-statistic of every adapted matrix every micro-batch and all-gathers the top-k candidates (fp32
-value and int64 index); a resample gathers each adapted matrix (ZeRO-3), and writes it back
+statistic of every adapted matrix every micro-batch, agrees on each matrix's threshold by
+bisection (scalar all-reduces) and all-gathers the k chosen int64 indices; a resample gathers each adapted matrix (ZeRO-3), and writes it back
 (ZeRO-3: a gather and a broadcast from the owner; ZeRO-2: a broadcast).
 
 How it was checked (``tests/test_plan.py``): real CPU runs of ``rosa-ds train`` at 1 and 2
@@ -610,11 +610,11 @@ def _communication(inp: PlanInputs, bd: Breakdown, st: dict[str, float]) -> None
     mats = [shapes[t] for t in inp.targets]
     if inp.density and inp.mask_phase:
         stat = 4 * m.layers * sum(o * i for o, i in mats)
-        # each rank's top-k candidates of its shard (fp32 value, int64 index), all-gathered
-        cand = m.layers * sum(
-            min(round(inp.density * o * i), math.ceil(o * i / n)) for o, i in mats
-        )
-        bd.comm_mask_step = gas * f * stat + (n - 1) * 12 * cand
+        # selection (adapters/topk.py): 31 bisection rounds and 3 more small all-reduces per
+        # matrix, then the k chosen int64 indices all-gathered: independent of the GPU count
+        chosen = m.layers * sum(round(inp.density * o * i) for o, i in mats)
+        rounds = 34 * 8 * m.layers * len(mats) if n > 1 else 0
+        bd.comm_mask_step = gas * f * stat + f * 8 * chosen + rounds
     if inp.resample:
         w = a * m.layers * sum(o * i for o, i in mats)
         factors = 4 * m.layers * inp.rank * sum(o + i for o, i in mats)

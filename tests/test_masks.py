@@ -110,3 +110,21 @@ def test_gradient_mass_budget_keeps_total_and_follows_mass(tiny_model_path):
     dense_one, sparse_one = max(mean, key=mean.get), min(mean, key=mean.get)
     density = {n: k[n] / collector.acc[n].numel() for n in k}
     assert density[dense_one] > 2 * density[sparse_one]
+
+
+@pytest.mark.distributed
+def test_sharded_top_k_equals_single_process_with_ties(tmp_path):
+    """Bisection on the threshold, ties to the lower index: the same set at 2 ranks as at 1."""
+    import json
+
+    from tests.helpers import run_probe
+
+    out = tmp_path / "topk.json"
+    proc = run_probe("topk_probe.py", [str(out)], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert len(results) >= 12
+    for key, (got, want) in results.items():
+        k = int(key.rsplit("/", 1)[1])
+        assert len(want) == min(k, int(key.split("/")[0])), key
+        assert got == want, key

@@ -155,6 +155,9 @@ def test_communication():
     rosa = plan(replace(inp, density=0.0015, resample=True))
     assert rosa.comm_mask_step > 7 / 8 * 4 * 32 * 202e6  # fp32 statistic of every matrix
     assert rosa.comm_resample > 0
+    # mask selection sends the chosen indices once, not world x k candidates
+    wide = plan(replace(inp, density=0.0015, gpus=512)).comm_mask_step
+    assert wide < 1.2 * plan(replace(inp, density=0.0015)).comm_mask_step
 
 
 def test_bad_inputs():

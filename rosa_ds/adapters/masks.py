@@ -10,9 +10,10 @@ that accumulator, so no rank ever holds the model's dense accumulator (only one 
 a time, as backward produces it). DeepSpeed scales the loss by 1/GAS; that factor is undone so
 the accumulator is the same at any world size.
 
-Selection. Each rank takes the top-k of its shard; the candidates are all-gathered per matrix
-(at most world x k values) and every rank keeps the same global top-k, ties broken by the lower
-flat index, so the masks agree across ranks and with a single process.
+Selection (``topk.py``). The ranks agree on each matrix's k-th largest score by bisection (one
+all-reduced count per round), each picks its entries above it, ties go to the lower flat index,
+and the k chosen indices are all-gathered: every rank gets the same mask, the one a single
+process chooses, and no rank receives more than k indices per matrix whatever the world size.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rosa_ds.adapters.inject import adapted_modules
+from rosa_ds.adapters.topk import top_k_sharded
 from rosa_ds.config import AdapterConfig
-from rosa_ds.errors import UserError
+from rosa_ds.errors import TrainingError, UserError
 from rosa_ds.kernels.csr import SparseStructure
 
 
@@ -151,6 +153,14 @@ class GradientCollector:
 
     def select(self, cfg: AdapterConfig) -> dict[str, SparseStructure]:
         """Every rank calls this and gets the same masks."""
+        from rosa_ds.dist import all_reduce_sum
+
+        bad = sum(int(not bool(torch.isfinite(a).all())) for a in self.acc.values())
+        if all_reduce_sum([float(bad)])[0]:
+            raise TrainingError(
+                "the gradients collected for the masks hold NaN or Inf; lower train.lr or "
+                "adapter.robust.mask_warmup_steps, or check the data, and start the run again"
+            )
         masks = {}
         for name, k in sorted(self.budgets(cfg).items()):
             flat = self._topk(name, k).cpu()
@@ -158,23 +168,10 @@ class GradientCollector:
         return masks
 
     def _topk(self, name: str, k: int) -> torch.Tensor:
-        if k == 0:
-            return torch.zeros(0, dtype=torch.long)
-        scores = self._scores(name)
-        kk = min(k, scores.numel())
-        values, local = torch.topk(scores, kk, sorted=False)
-        flat = local + self.rank * self.shard[name]
-        if self.world > 1:
-            all_values = [torch.empty_like(values) for _ in range(self.world)]
-            all_flat = [torch.empty_like(flat) for _ in range(self.world)]
-            dist.all_gather(all_values, values)
-            dist.all_gather(all_flat, flat)
-            values, flat = torch.cat(all_values), torch.cat(all_flat)
-        by_index = torch.argsort(flat)
-        values, flat = values[by_index], flat[by_index]
-        order = torch.argsort(values, descending=True, stable=True)[:k]
-        chosen = flat[order]
-        return chosen[values[order] > -math.inf]
+        from rosa_ds.dist import comm_device
+
+        offset = self.rank * self.shard[name]
+        return top_k_sharded(self._scores(name), k, offset, comm_device())
 
 
 # --- mask files ------------------------------------------------------------------------------
