@@ -152,7 +152,9 @@ class QuantConfig:
         True, "Quantize the block scales too (8-bit, QLoRA's double quantization)."
     )
     compute_dtype: Literal["auto", "bf16", "fp32"] = _f(
-        "auto", "Dtype the weight is dequantized to for the matmuls; auto: train.precision."
+        "auto",
+        "Dtype the weight is dequantized to for the matmuls; auto: the run's precision "
+        "(train.precision, after its own auto is resolved).",
     )
     all_linear: bool = _f(
         False,
@@ -205,11 +207,18 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
     scheduler: Literal["cosine", "linear", "constant"] = _f(
-        "cosine", "Decay after the warm-up (transformers' schedules)."
+        "cosine",
+        "Decay after the warm-up: cosine or linear to zero at max_steps; constant (as in "
+        "transformers, without warm-up).",
     )
     warmup_steps: int = _f(10, "Linear warm-up steps.")
     grad_clip: float = _f(1.0, "Gradient norm clipping; 0 turns it off.")
-    precision: Literal["bf16", "fp32"] = _f("bf16", "Compute and frozen-weight precision.")
+    precision: Literal["auto", "bf16", "fp32"] = _f(
+        "auto",
+        "Compute and frozen-weight precision. auto: bf16 where the device computes it natively "
+        "(CUDA with bf16; a CPU with avx512_bf16 or amx_bf16), else fp32; the choice is printed "
+        "at start and kept in config.yaml and summary.json.",
+    )
     eval_every: int = _f(0, "Held-out loss every N steps (0: only before and after training).")
     save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = _f(2, "How many of the newest checkpoints to keep (>= 1).")
@@ -277,9 +286,20 @@ def named_configs() -> list[str]:
 
 
 def resolve_config_path(name_or_path: str) -> Path:
+    if not name_or_path.strip():
+        raise UserError(
+            f"--config is empty; give a YAML path or one of: {', '.join(named_configs())}"
+        )
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists() or "/" in name_or_path:
+        if path.is_dir():
+            raise UserError(
+                f"config {name_or_path} is a folder, not a file; give a YAML file (e.g. "
+                f"{Path(name_or_path) / 'config.yaml'}) or one of: {', '.join(named_configs())}"
+            )
+        if path.exists() and not path.is_file():
+            raise UserError(f"config {name_or_path} is not a regular file; give a YAML file")
+        if not path.exists():
             raise UserError(
                 f"config file {name_or_path} not found; give a YAML path or one of: "
                 f"{', '.join(named_configs())}"
@@ -294,27 +314,52 @@ def resolve_config_path(name_or_path: str) -> Path:
     return shipped
 
 
+DEEPSPEED_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "zero_optimization"}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping a config file holds; anything else (binary, empty, a list, a DeepSpeed JSON)
+    is a UserError, so a wrong file never runs on the defaults."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(
+            f"config {path} is not UTF-8 text (a binary file?); give a YAML run config"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"config {path} cannot be read ({exc.strerror}); check the path") from None
+    if "\x00" in text:
+        raise UserError(f"config {path} is a binary file, not YAML; give a YAML run config")
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(
+            f"config {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}; fix the syntax"
+        ) from None
+    if loaded is None:
+        raise UserError(
+            f"config {path} is empty (no keys); write the keys to set, e.g. a copy of "
+            f"{CONFIG_DIR / 'tiny-lora.yaml'}, or start from a named config with --config tiny-lora"
+        )
+    if not isinstance(loaded, dict):
+        raise UserError(
+            f"config {path} must be a mapping of keys to values, not a {type(loaded).__name__}"
+        )
+    if DEEPSPEED_KEYS & set(loaded):
+        raise UserError(
+            f"config {path} is a DeepSpeed config, not a rosa-ds run config; pass it as "
+            f"deepspeed.config={path}"
+        )
+    return loaded
+
+
 def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or start from defaults), apply ``key=value`` overrides, validate."""
     raw: dict[str, Any] = {}
-    if name_or_path:
-        path = resolve_config_path(name_or_path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(
-                f"config {path} is not valid YAML{where}: "
-                f"{getattr(exc, 'problem', exc)}; fix the syntax"
-            ) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise UserError(
-                f"config {path} must be a mapping of keys to values, not a {type(loaded).__name__}"
-            )
-        raw = loaded
+    if name_or_path is not None:
+        raw = read_config_file(resolve_config_path(name_or_path))
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
@@ -492,12 +537,14 @@ def validate(cfg: RunConfig) -> None:
             "model.gradient_checkpointing is not supported yet (recomputation would count "
             "gradients twice); set model.gradient_checkpointing=false",
         )
-    if a.sparse and r.mask_file is None:
+    if a.sparse and r.mask_file is None and r.after_mask == "continue":
+        # restart: the warm-up is a pass of its own and max_steps counts the main pass alone
         _require(
             r.mask_warmup_steps + r.mask_grad_steps <= cfg.train.max_steps,
             f"adapter.robust.mask_warmup_steps + mask_grad_steps ({r.mask_warmup_steps} + "
             f"{r.mask_grad_steps}) is longer than the run (train.max_steps="
-            f"{cfg.train.max_steps}); shorten the warm-up or train longer",
+            f"{cfg.train.max_steps}), which after_mask=continue counts them in; shorten the "
+            "warm-up, train longer or use adapter.robust.after_mask=restart",
         )
     _require(a.alpha > 0, f"adapter.alpha must be > 0, got {a.alpha}; e.g. adapter.alpha=16")
     _require(0 <= a.dropout < 1, f"adapter.dropout must be in [0, 1), got {a.dropout}")

@@ -237,6 +237,19 @@ def default_backend(accelerator_name: str) -> str:
     return "nccl" if accelerator_name == "cuda" else "gloo"
 
 
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed's CPU accelerator from JIT-compiling its shared-memory all-reduce when the
+    process group starts (30 s to minutes of gcc on a fresh machine, even for one process).
+
+    The op serves only ``inference_all_reduce`` of tensor-parallel inference layers, which
+    training never calls. DeepSpeed asks ``deepspeed.ops.__compatible_ops__`` before building
+    and keeps edits to that dict, so marking the op incompatible is the switch."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: float | None = None) -> Placement:
     """Start the process group through DeepSpeed (once) and return this process's placement.
 
@@ -247,8 +260,11 @@ def init_distributed(backend: str = "auto", timeout_minutes: float | None = None
 
     placement = detect_placement()
     prepare_environment(placement)
+    device = get_accelerator().device_name()
+    if device == "cpu":
+        skip_shm_comm_build()
     if backend == "auto":
-        backend = default_backend(get_accelerator().device_name())
+        backend = default_backend(device)
     kwargs = {}
     if timeout_minutes is not None:
         kwargs["timeout"] = timedelta(minutes=timeout_minutes)

@@ -21,6 +21,7 @@ from rosa_ds.dist import Placement, init_distributed
 from rosa_ds.ds_config import build_ds_config, zero_stage
 from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.model import load_model
+from rosa_ds.schedule import build_scheduler
 
 
 @dataclass
@@ -65,7 +66,11 @@ def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
 
 
 def torch_dtype(precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    """bf16 or fp32; ``auto`` must have been resolved (``rosa_ds.precision.resolve``) first."""
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if precision not in dtypes:
+        raise ValueError(f"precision {precision!r} is not resolved to bf16 or fp32")
+    return dtypes[precision]
 
 
 def build_engine(
@@ -79,15 +84,16 @@ def build_engine(
     masks: dict[str, SparseStructure] | None = None,
     rank: int | None = None,
     start_step: int = 0,
+    schedule_steps: int | None = None,
 ) -> Built:
     """The engine for one training pass (or evaluation).
 
     ``masks`` attach the sparse part; ``rank`` overrides the LoRA rank (the warm-up pass of a
     sparse-only run trains a throw-away LoRA); ``start_step`` puts the learning-rate schedule
-    where a previous pass left it.
+    where a previous pass left it; ``schedule_steps`` is the schedule's length (default
+    ``train.max_steps``).
     """
     import deepspeed
-    from transformers import get_scheduler
     from transformers.integrations import HfDeepSpeedConfig
 
     from rosa_ds.kernels.sparse_linear import set_backend, set_path
@@ -131,18 +137,15 @@ def build_engine(
             betas=tuple(cfg.train.betas),
             weight_decay=cfg.train.weight_decay,
         )
-        scheduler = get_scheduler(
-            cfg.train.scheduler,
-            optimizer,
-            num_warmup_steps=cfg.train.warmup_steps,
-            num_training_steps=cfg.train.max_steps,
-        )
         if cfg.adapter.resampling and cfg.adapter.subspace.rewarm_steps:
             rewarm = ReWarm(cfg.adapter.subspace.rewarm_steps)
-            base = scheduler.lr_lambdas[0]
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: base(step) * rewarm.factor(step)
-            )
+        scheduler = build_scheduler(
+            optimizer,
+            cfg.train.scheduler,
+            cfg.train.warmup_steps,
+            schedule_steps or cfg.train.max_steps,
+            extra=rewarm.factor if rewarm is not None else None,
+        )
         with warnings.catch_warnings():  # stepping the schedule before any optimizer step
             warnings.simplefilter("ignore")
             for _ in range(start_step):

@@ -8,6 +8,7 @@ import os
 import platform
 from typing import Any
 
+from rosa_ds import precision
 from rosa_ds.dist import default_backend, detect_placement
 
 PACKAGES = [
@@ -54,9 +55,23 @@ def environment_report() -> dict[str, Any]:
         accel = get_accelerator().device_name()
         report["accelerator"] = accel
         report["comm_backend"] = default_backend(accel)
+        auto = precision.choose("auto", accel.split(":")[0])
+        report["precision_auto"] = {
+            "picks": auto.used,
+            "reason": auto.reason.removeprefix("auto: "),
+        }
     except Exception as exc:  # a broken DeepSpeed install is exactly what this command reports
         report["accelerator"] = f"unavailable ({type(exc).__name__}: {exc})"
         report["comm_backend"] = None
+        report["precision_auto"] = None
+    flags = precision.cpu_flags()
+    report["cpu"] = {
+        "model": _cpu_model(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_flags": precision.cpu_bf16_flags(flags),
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+    }
     report["kernels"] = {
         "lora": "torch (dense matmuls)",
         "sparse (cpu)": _sparse_path("cpu"),
@@ -73,6 +88,13 @@ def environment_report() -> dict[str, Any]:
         else "not installed",
     }
     return report
+
+
+def _cpu_model() -> str:
+    for line in precision.CPUINFO.read_text().splitlines() if precision.CPUINFO.is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _sparse_path(device: str) -> str:
@@ -96,6 +118,13 @@ def format_report(report: dict[str, Any]) -> str:
         + (f" ({', '.join(report['cuda_devices'])})" if report["cuda_devices"] else "")
     )
     lines.append(f"comm backend  {report['comm_backend']}")
+    cpu = report["cpu"]
+    isa = ", ".join(f for f in ("avx2", "avx512f") if cpu[f]) or "neither AVX2 nor AVX-512"
+    bf16 = ", ".join(cpu["bf16_flags"]) or "no bf16 instructions"
+    lines.append(f"cpu           {cpu['model']} ({isa}; {bf16}; torch: {cpu['capability']})")
+    if report["precision_auto"]:
+        auto = report["precision_auto"]
+        lines.append(f"precision     auto picks {auto['picks']} here ({auto['reason']})")
     p = report["placement"]
     lines.append(f"placement     rank {p['rank']} of {p['world_size']} (launcher: {p['launcher']})")
     for kind, state in report["kernels"].items():

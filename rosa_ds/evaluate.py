@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
+from rosa_ds import precision
 from rosa_ds.config import RunConfig
 from rosa_ds.data.batching import collate, shard_evenly
 from rosa_ds.data.metrics import score
 from rosa_ds.data.tokenize import IGNORE, prompt_ids
-from rosa_ds.dist import all_reduce_sum
+from rosa_ds.dist import all_reduce_sum, detect_placement
 from rosa_ds.engine import Built, build_engine
 from rosa_ds.errors import UserError
 from rosa_ds.kernels.csr import SparseStructure
@@ -161,6 +162,7 @@ def evaluate(cfg: RunConfig, adapter_dir: str | None) -> dict[str, Any]:
     """Held-out loss, perplexity and task metric of the base model plus an adapter (if given)."""
     from rosa_ds.adapters.io import load_adapter
 
+    cfg, choice = precision.resolve(cfg)
     prep = prepare(cfg, resume=None, training=False)
     state = masks = None
     if adapter_dir is None and (Path(cfg.output_dir) / "adapter").is_dir():
@@ -168,6 +170,8 @@ def evaluate(cfg: RunConfig, adapter_dir: str | None) -> dict[str, Any]:
     if adapter_dir is not None:
         state, meta = load_adapter(adapter_dir)
         cfg, masks = adapter_as_trained(cfg, prep.hf_config, state, meta, adapter_dir)
+    if detect_placement().rank == 0:
+        precision.announce(choice, cfg)
     quiet_libraries()
     built = build_engine(
         cfg,

@@ -731,6 +731,22 @@ def _resolve_targets(model: ModelShape, targets: list[str], exclude: list[str]) 
     return tuple(chosen)
 
 
+def plan_precision(requested: str, device: str) -> tuple[str, str]:
+    """``auto`` as a run would resolve it (``rosa_ds.precision``): the GPU planned for is taken
+    to compute bf16 natively (Ampere and newer); on ``device=cpu`` this machine's CPU decides."""
+    if requested != "auto":
+        return requested, "set explicitly"
+    if device == "gpu":
+        return "bf16", (
+            "auto: bf16, native on every GPU since Ampere (A100, H100); --precision fp32 "
+            "for older GPUs"
+        )
+    from rosa_ds.precision import choose  # torch, for this CPU's oneDNN: only on device=cpu
+
+    choice = choose("auto", "cpu")
+    return choice.used, choice.reason
+
+
 def inputs_from_config(
     cfg: Any, gpus: int = 1, seq_len: int | None = None, **kw: Any
 ) -> PlanInputs:
@@ -770,6 +786,7 @@ def inputs_from_config(
         if isinstance(zero.get(key), int | float) and not isinstance(zero.get(key), bool):
             values[name] = int(zero[key])
     values.update(kw)
+    values["precision"], _ = plan_precision(values["precision"], values.get("device", "gpu"))
     return PlanInputs(**values)
 
 
@@ -783,7 +800,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resample", action="store_true", default=None, help="ROSA resampling")
     p.add_argument("--targets", help="comma-separated: q_proj,k_proj,... (default all)")
     p.add_argument("--dropout", type=float, help="adapter dropout (default 0)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="default bf16")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        help="default: the config's, else auto (bf16, native on Ampere and newer GPUs)",
+    )
     p.add_argument("--quant", type=int, choices=[4, 16], help="frozen weights: 4 (NF4) or 16")
     p.add_argument("--no-double-quant", action="store_true", help="fp32 NF4 block scales")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage (default 2)")
@@ -829,6 +850,8 @@ def run_plan(args: argparse.Namespace) -> int:
         changes["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     if args.no_double_quant:
         changes["double_quant"] = False
+    if "precision" in changes:
+        changes["precision"], _ = plan_precision(changes["precision"], inp.device)
     inp = replace(inp, **changes)
     bd = plan(inp)
     if args.json:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rosa_ds import faults
+from rosa_ds import faults, precision
 from rosa_ds.adapters.io import adapter_meta, gather_adapter_state, save_adapter, structure_state
 from rosa_ds.adapters.masks import GradientCollector, load_masks, masks_of, save_masks
 from rosa_ds.adapters.resample import resample_all, reset_optimizer_group
@@ -48,6 +48,7 @@ from rosa_ds.errors import TrainingError
 from rosa_ds.evaluate import evaluate_all
 from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.numerics import NonFiniteGuard, nonfinite_trainable
+from rosa_ds.precision import PrecisionChoice
 from rosa_ds.preflight import Prepared, prepare
 from rosa_ds.tracking import MetricsLog, quiet_libraries
 from rosa_ds.watchdog import Watchdog
@@ -135,9 +136,10 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, prep: Prepared) -> None:
+    def __init__(self, cfg: RunConfig, prep: Prepared, precision: PrecisionChoice) -> None:
         self.cfg = cfg
         self.prep = prep
+        self.precision = precision
         self.out = Path(cfg.output_dir)
         self.log: MetricsLog | None = None
         self.resumed_from = 0
@@ -294,7 +296,11 @@ class Trainer:
     def build(self, progress: Progress, masks, carry) -> Built:
         cfg, prep = self.cfg, self.prep
         warm = progress.phase == "warmup"
-        rank = cfg.adapter.robust.warmup_rank if warm and cfg.adapter.rank == 0 else None
+        robust = cfg.adapter.robust
+        rank = robust.warmup_rank if warm and cfg.adapter.rank == 0 else None
+        # a warm-up longer than a restarted main pass must not run past its schedule's end
+        warm_steps = robust.mask_warmup_steps + robust.mask_grad_steps
+        schedule = max(cfg.train.max_steps, warm_steps) if warm else None
         return build_engine(
             cfg,
             prep.model_path,
@@ -305,6 +311,7 @@ class Trainer:
             masks=None if warm else masks,
             rank=rank,
             start_step=progress.step if carry is not None else 0,
+            schedule_steps=schedule,
         )
 
     def mask_phase(self, built: Built, progress: Progress) -> dict[str, SparseStructure]:
@@ -416,6 +423,7 @@ class Trainer:
             "train_seconds": round(elapsed, 2),
             "world_size": built.placement.world_size,
             "zero_stage": built.zero_stage,
+            "precision": self.precision.to_dict(),
             "param_elements_local": local,
             "param_elements_total": total,
             "loss_first": losses[0] if losses else None,
@@ -440,9 +448,13 @@ class Trainer:
 
 def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
     """Run (or resume) a training job; returns the summary that rank 0 prints."""
+    resumed_config = Path(cfg.output_dir) / "config.yaml" if resume is not None else None
+    cfg, choice = precision.resolve(cfg, resumed_config=resumed_config)
     prep = prepare(cfg, resume=resume, training=True)
+    if detect_placement().rank == 0:
+        precision.announce(choice, cfg)
     quiet_libraries()
-    trainer = Trainer(cfg, prep)
+    trainer = Trainer(cfg, prep, choice)
     trainer.resumed_from = read_state(prep.resume_from)["step"] if prep.resume_from else 0
     placement = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.comm_timeout_minutes)
     watchdog = Watchdog(

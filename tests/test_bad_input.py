@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rosa_ds import cli
 from tests.helpers import child_env, launch
 
 
@@ -91,11 +92,55 @@ def _case(name: str, tmp: Path) -> tuple[list[str], dict[str, str], str]:
     if name == "density_out_of_range":
         return [*base, "adapter.density=1.5"], {}, "adapter.density must be in [0, 1)"
     if name == "mask_warmup_longer_than_run":
+        cont = "adapter.robust.after_mask=continue"
         return (
-            ["train", "--config", "tiny-robust", out, "adapter.robust.mask_warmup_steps=50"],
+            ["train", "--config", "tiny-robust", out, "adapter.robust.mask_warmup_steps=50", cont],
             {},
             "longer than the run",
         )
+    if name.startswith("config_"):  # files a user can mistake for a run config
+        path = tmp / "c.yaml"
+        if name == "config_empty":
+            path.write_text("")
+            words = "is empty"
+        elif name == "config_only_comments":
+            path.write_text("# train:\n#   max_steps: 3\n")
+            words = "is empty"
+        elif name == "config_binary":
+            path = tmp / "model.safetensors"
+            path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}\x00\x00\xff\xfe")
+            words = "not UTF-8 text"
+        elif name == "config_nul_bytes":
+            path.write_bytes(b"train:\x00\x00\n")
+            words = "binary file"
+        elif name == "config_latin1":
+            path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+            words = "not UTF-8 text"
+        elif name == "config_list":
+            path.write_text("- train\n- adapter\n")
+            words = "must be a mapping"
+        elif name == "config_scalar":
+            path.write_text("tiny-lora\n")
+            words = "must be a mapping"
+        elif name == "config_folder":
+            path = tmp / "configs"
+            path.mkdir()
+            words = "is a folder"
+        elif name == "config_device":
+            path = Path("/dev/null")
+            words = "not a regular file"
+        elif name == "config_deepspeed_json":
+            path = Path(__file__).parents[1] / "ds_configs" / "zero2.json"
+            words = "is a DeepSpeed config"
+        elif name == "config_empty_name":
+            path = ""
+            words = "--config is empty"
+        elif name == "config_missing_yaml":
+            path = tmp / "nope.yaml"
+            words = "not found"
+        else:
+            raise ValueError(name)
+        return ["train", "--config", str(path), out], {}, words
     if name == "mask_file_mismatch":
         from rosa_ds.adapters.masks import save_masks
         from rosa_ds.kernels.csr import SparseStructure
@@ -227,6 +272,18 @@ CASES = [
     "bad_subcommand_flag",
     "density_out_of_range",
     "mask_warmup_longer_than_run",
+    "config_empty",
+    "config_only_comments",
+    "config_binary",
+    "config_nul_bytes",
+    "config_latin1",
+    "config_list",
+    "config_scalar",
+    "config_folder",
+    "config_device",
+    "config_deepspeed_json",
+    "config_empty_name",
+    "config_missing_yaml",
     "mask_file_mismatch",
     "mask_file_garbage",
     "resample_every_zero",
@@ -244,16 +301,50 @@ CASES = [
 ]
 
 
+# Through a real `python -m rosa_ds.cli` process: one case of each stage that can fail (config,
+# command line, launcher environment, pre-flight of model, data and checkpoints, eval, export).
+# The others call the same entry point, `rosa_ds.cli.main(argv)`, in this process: the same code
+# path without 3-5 s of imports per case, their output captured at the file descriptors.
+IN_SUBPROCESS = {
+    "unknown_key",
+    "config_binary",
+    "bad_subcommand_flag",
+    "batch_not_divisible",
+    "dataset_field_missing",
+    "model_weights_truncated",
+    "resume_other_rank",
+    "mask_file_mismatch",
+    "eval_truncated_adapter",
+    "export_base_missing",
+}
+
+
+def _run_in_process(args, extra_env, monkeypatch, capfd) -> tuple[int, str, str]:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in extra_env.items():
+        monkeypatch.setenv(key, value)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        cli.main(args)
+    out, err = capfd.readouterr()
+    return exited.value.code, out, err
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_bad_input_is_one_line_exit_2_nothing_written(name, tmp_path):
+def test_bad_input_is_one_line_exit_2_nothing_written(name, tmp_path, monkeypatch, capfd):
     args, extra_env, words = _case(name, tmp_path)
     before = _snapshot(tmp_path)
-    proc = launch(args, env=child_env(**extra_env))
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    if name in IN_SUBPROCESS:
+        proc = launch(args, env=child_env(**extra_env))
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        code, out, err = _run_in_process(args, extra_env, monkeypatch, capfd)
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert code == 2, out + err
     assert len(lines) == 1, lines
     assert lines[0].startswith("rosa-ds: error:") and words in lines[0], lines[0]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
     assert _snapshot(tmp_path) == before
 
 

@@ -113,3 +113,44 @@ def test_wheel_ships_every_deepspeed_config(tmp_path):
     shipped = {n.rsplit("/", 1)[1] for n in names if "/share/rosa-ds/ds_configs/" in n}
     assert shipped == {p.name for p in (repo / "ds_configs").glob("*.json")}
     assert any(n.startswith("rosa_ds/configs/") and n.endswith(".yaml") for n in names)
+
+
+def test_restart_warmup_is_a_pass_of_its_own():
+    """With after_mask=restart max_steps counts the main pass alone, so a warm-up longer than it
+    is fine; with continue the warm-up is part of the run and must fit in it."""
+    cfg = load_config("tiny-robust", ["train.max_steps=4", "adapter.robust.mask_warmup_steps=8"])
+    assert cfg.train.max_steps == 4
+    with pytest.raises(UserError, match="which after_mask=continue counts them in"):
+        load_config(
+            "tiny-robust",
+            [
+                "train.max_steps=4",
+                "adapter.robust.mask_warmup_steps=8",
+                "adapter.robust.after_mask=continue",
+            ],
+        )
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup, total", [(0, 5), (3, 10), (10, 10), (4, 3)])
+def test_schedule_equals_transformers(kind, warmup, total):
+    """rosa_ds.schedule gives transformers' learning rates at every step (past the end too)."""
+    import torch
+    from transformers import get_scheduler
+
+    from rosa_ds.schedule import build_scheduler
+
+    def lrs(sched):
+        out = []
+        for _ in range(total + 4):
+            out.append(sched.get_last_lr()[0])
+            sched.optimizer.step()
+            sched.step()
+        return out
+
+    def opt():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+
+    ours = lrs(build_scheduler(opt(), kind, warmup, total))
+    theirs = lrs(get_scheduler(kind, opt(), num_warmup_steps=warmup, num_training_steps=total))
+    assert ours == pytest.approx(theirs, abs=1e-12)

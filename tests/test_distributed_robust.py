@@ -120,3 +120,26 @@ def test_resume_keeps_the_mask_and_the_losses(zero2, tmp_path):
     b = load_masks(src / "masks.safetensors")
     for name in a:
         assert torch.equal(a[name].flat_indices(), b[name].flat_indices())
+
+
+def test_restart_warmup_longer_than_the_main_pass(tmp_path):
+    """after_mask=restart: max_steps counts the main pass alone, and the warm-up pass has a
+    schedule of its own length, so its learning rate never falls to the end of a shorter one."""
+    import json
+
+    out = tmp_path / "run"
+    summary = train_ok(
+        [
+            *COMMON,
+            f"output_dir={out}",
+            "train.max_steps=2",
+            "train.scheduler=linear",
+            "train.warmup_steps=1",
+            "adapter.robust.mask_warmup_steps=4",
+            "eval.before_training=false",
+        ]
+    )
+    assert len(summary["warmup_losses"]) == 5 and len(summary["losses"]) == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    warm_lrs = [r["lr"] for r in rows if r.get("phase") == "warmup" and "lr" in r]
+    assert len(warm_lrs) == 5 and min(warm_lrs) > 0, warm_lrs
