@@ -129,12 +129,14 @@ def measured_step(fn) -> dict[str, float]:
 
 
 def _build(overrides: list[str]):
+    from rosa_ds import precision
     from rosa_ds.config import load_config
     from rosa_ds.engine import build_engine
     from rosa_ds.preflight import prepare
     from rosa_ds.train import quiet_libraries
 
     cfg = load_config("smollm2-lora", ["output_dir=/tmp/rosa-ds-memory-bench", *overrides])
+    cfg, _ = precision.resolve(cfg)
     prep = prepare(cfg, resume=None, training=False)
     quiet_libraries()
     built = build_engine(cfg, prep.model_path, prep.tokenizer, prep.hidden_size, training=True)

@@ -36,6 +36,7 @@ def main() -> None:
         )
     import torch.distributed as dist
 
+    from rosa_ds import precision
     from rosa_ds.adapters.resample import resample_all
     from rosa_ds.config import load_config
     from rosa_ds.engine import build_engine
@@ -44,6 +45,7 @@ def main() -> None:
     from rosa_ds.train import make_sampler, optimizer_step
 
     cfg = load_config("smollm2-subspace", ["output_dir=/tmp/unused", *sys.argv[1:]])
+    cfg, _ = precision.resolve(cfg)  # auto: bf16 only where this machine computes it natively
     prep = prepare(cfg, resume=None, training=False)
     quiet_libraries()
     built = build_engine(cfg, prep.model_path, prep.tokenizer, prep.hidden_size, training=True)

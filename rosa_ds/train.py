@@ -136,10 +136,12 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, prep: Prepared, precision: PrecisionChoice) -> None:
+    def __init__(
+        self, cfg: RunConfig, prep: Prepared, precision_choice: PrecisionChoice | None = None
+    ) -> None:
         self.cfg = cfg
         self.prep = prep
-        self.precision = precision
+        self.precision_choice = precision_choice  # for the summary; None in probes
         self.out = Path(cfg.output_dir)
         self.log: MetricsLog | None = None
         self.resumed_from = 0
@@ -423,7 +425,7 @@ class Trainer:
             "train_seconds": round(elapsed, 2),
             "world_size": built.placement.world_size,
             "zero_stage": built.zero_stage,
-            "precision": self.precision.to_dict(),
+            "precision": self.precision_choice.to_dict() if self.precision_choice else None,
             "param_elements_local": local,
             "param_elements_total": total,
             "loss_first": losses[0] if losses else None,
