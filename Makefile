@@ -8,6 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 NPROC ?= 2
 PORT ?= 29531
 PYTEST_ARGS ?=
+# Two pytest workers: most tests start real rank processes whose start-up is one core's work,
+# so a second worker fills the other core. A test file stays on one worker (--dist loadfile).
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST := $(if $(filter-out 0 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
 
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ifeq ($(HAS_GPU),)
@@ -37,10 +41,10 @@ demo: install
 	rosa-ds export --run runs/demo
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 test-fast: install  # the quick local loop: unit tests and single fast runs, no slow tier
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_XDIST) -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

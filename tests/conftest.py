@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
+from filelock import FileLock
 
 import tests.helpers  # noqa: F401  (sets the environment for every test and subprocess)
+from tests.helpers import LORA_REFERENCE, train_ok
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +20,27 @@ def tiny_model_path() -> str:
     from rosa_ds.model import resolve_model_path
 
     return resolve_model_path(ModelConfig(name_or_path="builtin:tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> Callable[[str, int], tuple[Path, dict]]:
+    """Uninterrupted ``LORA_REFERENCE`` runs (8 steps, checkpoints at 4 and 8), one per DeepSpeed
+    config and rank count, trained once for the whole session and shared by the tests that
+    compare against them (resume, elastic resume, killed saves and ranks, launchers). Copy one
+    before changing it. Under pytest-xdist the workers share them through a file lock."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the base shared by every worker of this session
+    root = root / "reference-runs"
+    root.mkdir(exist_ok=True)
+
+    def get(zero: str, nproc: int) -> tuple[Path, dict]:
+        out = root / f"lora-{zero}-{nproc}"
+        with FileLock(str(out) + ".lock"):
+            if not (out / "summary.json").is_file():
+                launcher = "torchrun" if nproc > 1 else "python"
+                args = [*LORA_REFERENCE, f"output_dir={out}", f"deepspeed.config={zero}"]
+                train_ok(args, nproc=nproc, launcher=launcher)
+        return out, json.loads((out / "summary.json").read_text())
+
+    return get

@@ -28,6 +28,19 @@ if not _has_gpu():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+# The shared uninterrupted tiny-lora run (conftest.reference_run); tests that resume or compare
+# against it pass these arguments, with deepspeed.config, output_dir and --resume.
+LORA_REFERENCE = [
+    "--config",
+    "tiny-lora",
+    "train.max_steps=8",
+    "train.save_every=4",
+    "train.keep_checkpoints=4",
+    "train.lr=1e-2",
+    "eval.num_generate=0",
+]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

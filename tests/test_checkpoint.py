@@ -44,22 +44,14 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 
 from rosa_ds.checkpoint import SAVE_POINTS  # noqa: E402
-from tests.helpers import child_env, launch, train_ok  # noqa: E402
+from tests.helpers import LORA_REFERENCE, child_env, launch  # noqa: E402
 
-RUN = [
-    "--config",
-    "tiny-lora",
-    "train.max_steps=8",
-    "train.save_every=4",
-    "eval.num_generate=0",
-    "train.keep_checkpoints=3",
-]
+RUN = LORA_REFERENCE
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("whole") / "run"
-    return train_ok([*RUN, f"output_dir={out}"])
+def uninterrupted(reference_run):
+    return reference_run("zero2", 1)[1]
 
 
 @pytest.mark.slow

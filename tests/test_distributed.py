@@ -11,19 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from rosa_ds.checkpoint import LATEST, checkpoint_root, latest_checkpoint, tag_for
-from tests.helpers import train_ok
+from tests.helpers import LORA_REFERENCE, train_ok
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-COMMON = [
-    "--config",
-    "tiny-lora",
-    "train.max_steps=8",
-    "train.save_every=4",
-    "train.keep_checkpoints=3",
-    "train.lr=1e-2",
-    "eval.num_generate=4",
-]
+COMMON = LORA_REFERENCE  # the shared uninterrupted runs' arguments (conftest.reference_run)
 
 
 def _first_last(losses: list[float]) -> tuple[float, float]:
@@ -31,25 +23,21 @@ def _first_last(losses: list[float]) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("z3") / "run"
-    summary = train_ok(
-        [*COMMON, f"output_dir={out}", "deepspeed.config=zero3"], nproc=2, launcher="torchrun"
-    )
-    return out, summary
+def zero3_run(reference_run) -> tuple[Path, dict]:
+    return reference_run("zero3", 2)
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("single") / "run"
-    summary = train_ok([*COMMON, f"output_dir={out}", "deepspeed.config=zero2"])
-    return out, summary
+def single_run(reference_run) -> tuple[Path, dict]:
+    return reference_run("zero2", 1)
 
 
 def test_zero2_two_ranks_deepspeed_launcher_loss_decreases(tmp_path):
     out = tmp_path / "run"
     summary = train_ok(
-        [*COMMON, f"output_dir={out}", "deepspeed.config=zero2"], nproc=2, launcher="deepspeed"
+        [*COMMON, f"output_dir={out}", "deepspeed.config=zero2", "eval.num_generate=4"],
+        nproc=2,
+        launcher="deepspeed",
     )
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2
     assert summary["param_elements_local"] == summary["param_elements_total"]

@@ -14,25 +14,22 @@ import torch
 from safetensors.torch import load_file
 
 from rosa_ds.checkpoint import FROZEN_FILE, LATEST, MASK_FILE, checkpoint_root, tag_for
-from tests.helpers import launch
+from tests.helpers import LORA_REFERENCE, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-STEPS, CUT = 8, 4
+STEPS, CUT = 8, 4  # LORA_REFERENCE's train.max_steps and train.save_every
 
 
 def _args(config: str, out: Path, zero: str, *extra: str) -> list[str]:
+    """The shared reference run's settings (8 steps, checkpoints every 4) for any config."""
     return [
         "train",
         "--config",
         config,
+        *LORA_REFERENCE[2:],
         f"output_dir={out}",
         f"deepspeed.config={zero}",
-        f"train.max_steps={STEPS}",
-        f"train.save_every={CUT}",
-        "train.keep_checkpoints=4",
-        "train.lr=1e-2",
-        "eval.num_generate=0",
         *extra,
     ]
 
@@ -56,13 +53,22 @@ def _cut_back(src: Path, dst: Path) -> Path:
 
 
 def _elastic(
-    tmp_path: Path, config: str, zero: str, saved: int, ranks: int, resume_zero: str | None = None
+    tmp_path: Path,
+    config: str,
+    zero: str,
+    saved: int,
+    ranks: int,
+    resume_zero: str | None = None,
+    reference_run=None,
 ) -> tuple:
-    """Uninterrupted run on ``saved`` ranks, then the same run cut at step CUT and resumed on
-    ``ranks`` ranks (with ``resume_zero``, another DeepSpeed config); returns (full summary,
-    resumed summary, full dir, resumed dir)."""
-    full_dir = tmp_path / "full"
-    full, _ = _train(_args(config, full_dir, zero), saved)
+    """Uninterrupted run on ``saved`` ranks (for tiny-lora the session's shared one), then the
+    same run cut at step CUT and resumed on ``ranks`` ranks (with ``resume_zero``, another
+    DeepSpeed config); returns (full summary, resumed summary, full dir, resumed dir)."""
+    if reference_run is not None:
+        full_dir, full = reference_run(zero, saved)
+    else:
+        full_dir = tmp_path / "full"
+        full, _ = _train(_args(config, full_dir, zero), saved)
     res_dir = tmp_path / "resumed"
     _cut_back(full_dir, res_dir)
     resumed, err = _train([*_args(config, res_dir, resume_zero or zero), "--resume"], ranks)
@@ -93,8 +99,8 @@ def _elastic(
     "zero, saved, resumed",
     [("zero2", 2, 1), ("zero2", 1, 2), ("zero3", 2, 1), ("zero3", 1, 2)],
 )
-def test_lora_resumes_at_another_world_size(tmp_path, zero, saved, resumed):
-    _elastic(tmp_path, "tiny-lora", zero, saved, resumed)
+def test_lora_resumes_at_another_world_size(tmp_path, zero, saved, resumed, reference_run):
+    _elastic(tmp_path, "tiny-lora", zero, saved, resumed, reference_run=reference_run)
 
 
 @pytest.mark.parametrize(
