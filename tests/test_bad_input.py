@@ -22,6 +22,18 @@ def _jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
+# Files a user can mistake for a run config: (file name, bytes, expected words).
+CONFIG_FILES = {
+    "config_empty": ("c.yaml", b"", "is empty"),
+    "config_only_comments": ("c.yaml", b"# train:\n#   max_steps: 3\n", "is empty"),
+    "config_binary": ("model.safetensors", b"\x08\0\0\0\0\0\0\0{}\0\0\xff\xfe", "not UTF-8 text"),
+    "config_nul_bytes": ("c.yaml", b"train:\x00\x00\n", "binary file"),
+    "config_latin1": ("c.yaml", "name: caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+    "config_list": ("c.yaml", b"- train\n- adapter\n", "must be a mapping"),
+    "config_scalar": ("c.yaml", b"tiny-lora\n", "must be a mapping"),
+}
+
+
 def _case(name: str, tmp: Path) -> tuple[list[str], dict[str, str], str]:
     """(arguments, extra environment, expected words in the message) for each case."""
     out = f"output_dir={tmp / 'out'}"
@@ -98,49 +110,22 @@ def _case(name: str, tmp: Path) -> tuple[list[str], dict[str, str], str]:
             {},
             "longer than the run",
         )
-    if name.startswith("config_"):  # files a user can mistake for a run config
-        path = tmp / "c.yaml"
-        if name == "config_empty":
-            path.write_text("")
-            words = "is empty"
-        elif name == "config_only_comments":
-            path.write_text("# train:\n#   max_steps: 3\n")
-            words = "is empty"
-        elif name == "config_binary":
-            path = tmp / "model.safetensors"
-            path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}\x00\x00\xff\xfe")
-            words = "not UTF-8 text"
-        elif name == "config_nul_bytes":
-            path.write_bytes(b"train:\x00\x00\n")
-            words = "binary file"
-        elif name == "config_latin1":
-            path.write_bytes("name: caf\xe9\n".encode("latin-1"))
-            words = "not UTF-8 text"
-        elif name == "config_list":
-            path.write_text("- train\n- adapter\n")
-            words = "must be a mapping"
-        elif name == "config_scalar":
-            path.write_text("tiny-lora\n")
-            words = "must be a mapping"
-        elif name == "config_folder":
-            path = tmp / "configs"
-            path.mkdir()
-            words = "is a folder"
-        elif name == "config_device":
-            path = Path("/dev/null")
-            words = "not a regular file"
-        elif name == "config_deepspeed_json":
-            path = Path(__file__).parents[1] / "ds_configs" / "zero2.json"
-            words = "is a DeepSpeed config"
-        elif name == "config_empty_name":
-            path = ""
-            words = "--config is empty"
-        elif name == "config_missing_yaml":
-            path = tmp / "nope.yaml"
-            words = "not found"
-        else:
-            raise ValueError(name)
-        return ["train", "--config", str(path), out], {}, words
+    if name in CONFIG_FILES:
+        file_name, content, words = CONFIG_FILES[name]
+        (tmp / file_name).write_bytes(content)
+        return ["train", "--config", str(tmp / file_name), out], {}, words
+    if name == "config_folder":
+        (tmp / "configs").mkdir()
+        return ["train", "--config", str(tmp / "configs"), out], {}, "is a folder"
+    if name == "config_device":
+        return ["train", "--config", "/dev/null", out], {}, "not a regular file"
+    if name == "config_deepspeed_json":
+        ds_json = str(Path(__file__).parents[1] / "ds_configs" / "zero2.json")
+        return ["train", "--config", ds_json, out], {}, "is a DeepSpeed config"
+    if name == "config_empty_name":
+        return ["train", "--config", "", out], {}, "--config is empty"
+    if name == "config_missing_yaml":
+        return ["train", "--config", str(tmp / "nope.yaml"), out], {}, "not found"
     if name == "mask_file_mismatch":
         from rosa_ds.adapters.masks import save_masks
         from rosa_ds.kernels.csr import SparseStructure
@@ -272,13 +257,7 @@ CASES = [
     "bad_subcommand_flag",
     "density_out_of_range",
     "mask_warmup_longer_than_run",
-    "config_empty",
-    "config_only_comments",
-    "config_binary",
-    "config_nul_bytes",
-    "config_latin1",
-    "config_list",
-    "config_scalar",
+    *CONFIG_FILES,
     "config_folder",
     "config_device",
     "config_deepspeed_json",
