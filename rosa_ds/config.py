@@ -75,6 +75,11 @@ class RobustConfig:
     mask_file: str | None = _f(
         None, "Load the masks from this file (written by an earlier run) instead of building them."
     )
+    sparse_lr: float | None = _f(
+        None,
+        "Peak learning rate of the sparse values, on the same schedule as train.lr (the "
+        "reference's LLaMA2-7B GSM8K runs: 2e-4 against LoRA's 7e-4); unset: train.lr.",
+    )
 
 
 @dataclass
@@ -522,6 +527,11 @@ def validate(cfg: RunConfig) -> None:
         _require(a.subspace.rewarm_steps >= 0, "adapter.subspace.rewarm_steps must be >= 0")
     r = a.robust
     _require(r.mask_warmup_steps >= 0, "adapter.robust.mask_warmup_steps must be >= 0")
+    _require(
+        r.sparse_lr is None or r.sparse_lr > 0,
+        f"adapter.robust.sparse_lr must be > 0 (unset: train.lr), got {r.sparse_lr}; "
+        "e.g. adapter.robust.sparse_lr=2e-4",
+    )
     _require(r.mask_grad_steps >= 1, "adapter.robust.mask_grad_steps must be >= 1")
     if a.sparse and a.rank == 0 and r.mask_file is None:
         _require(

@@ -57,12 +57,16 @@ class ReWarm:
         return (max(step - self.since, 0) + 1) / self.steps
 
 
-def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+def param_groups(
+    model: torch.nn.Module, lr: float, sparse_lr: float | None = None
+) -> list[dict[str, Any]]:
     """Group 0: the low-rank factors (reset together at every resample: Adam's step count is
-    per group); group 1: the sparse values, which keep their optimizer state."""
+    per group) at ``lr``; group 1: the sparse values, which keep their optimizer state, at
+    ``sparse_lr`` (default ``lr``). A sparse-only run has the sparse group alone."""
     lowrank = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     other = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    return [g for g in ({"params": lowrank}, {"params": other}) if g["params"]]
+    groups = [{"params": lowrank, "lr": lr}, {"params": other, "lr": sparse_lr or lr}]
+    return [g for g in groups if g["params"]]
 
 
 def torch_dtype(precision: str) -> torch.dtype:
@@ -132,7 +136,7 @@ def build_engine(
     optimizer = scheduler = rewarm = None
     if training:
         optimizer = torch.optim.AdamW(
-            param_groups(model),
+            param_groups(model, cfg.train.lr, cfg.adapter.robust.sparse_lr),
             lr=cfg.train.lr,
             betas=tuple(cfg.train.betas),
             weight_decay=cfg.train.weight_decay,

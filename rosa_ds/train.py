@@ -192,7 +192,8 @@ class Trainer:
                             f"({guard.in_a_row} in a row, train.max_bad_steps={guard.max_bad_steps})",
                             file=sys.stderr,
                         )
-                lr = engine.get_lr()[0]
+                lrs = engine.get_lr()  # per parameter group: low-rank, then sparse
+                lr = lrs[0]
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 if done % cfg.train.log_every == 0:
@@ -202,6 +203,7 @@ class Trainer:
                         phase=progress.phase,
                         loss=step_loss,
                         lr=lr,
+                        **({"lr_sparse": lrs[1]} if len(lrs) > 1 else {}),
                         grad_norm=float(norm) if norm is not None else float("nan"),
                     )
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < end:

@@ -145,3 +145,30 @@ def test_restart_warmup_longer_than_the_main_pass(tmp_path):
     # each row's lr is the one the next step uses: steps 2..5 of the warm-up all learn (a
     # schedule of max_steps=2 would give them 0), and the warm-up's schedule ends at its end
     assert len(warm_lrs) == 5 and min(warm_lrs[:4]) > 0 and warm_lrs[4] == 0, warm_lrs
+
+
+def test_sparse_values_follow_their_own_learning_rate(tmp_path):
+    """adapter.robust.sparse_lr: the sparse values train at their own peak learning rate on the
+    shared schedule (2 ranks, ZeRO-2: the rate survives DeepSpeed's partitioned groups)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in {"shared": [], "own": ["adapter.robust.sparse_lr=1e-7"]}.items():
+        out = tmp_path / name
+        args = [*COMMON, f"output_dir={out}", "deepspeed.config=zero2", "train.max_steps=4"]
+        train_ok([*args, *extra], nproc=2, launcher="torchrun")
+        state = load_file(str(out / "adapter" / "adapter.safetensors"))
+        sparse = max(v.abs().max().item() for k, v in state.items() if k.endswith("sparse_values"))
+        lora_b = max(v.abs().max().item() for k, v in state.items() if k.endswith("lora_B"))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        main = [r for r in rows if r.get("phase") == "train" and "lr" in r]
+        runs[name] = sparse, lora_b, main
+    (shared_sparse, shared_b, shared_rows), (own_sparse, own_b, own_rows) = runs.values()
+    # Adam moves each value by at most about lr per step: 4 steps of at most 1e-7
+    assert own_sparse < 1e-6 < shared_sparse, (own_sparse, shared_sparse)
+    assert own_b > 1e-3 and shared_b > 1e-3  # LoRA trained at train.lr in both
+    for shared, own in zip(shared_rows, own_rows, strict=True):
+        assert own["lr"] == shared["lr"] == pytest.approx(shared["lr_sparse"])
+        assert own["lr_sparse"] == pytest.approx(own["lr"] * 1e-7 / 1e-2)
