@@ -51,8 +51,12 @@ class RobustConfig:
     mask_grad_steps: int = _f(
         1, "Optimizer steps (all their micro-batches) whose frozen-weight gradients are summed."
     )
-    grad_stat: Literal["mean_squared", "mean"] = _f(
-        "mean_squared", "Accumulate G*G (diagonal Fisher, the reference's default) or G."
+    grad_stat: Literal["mean_squared", "per_sample_squared", "mean"] = _f(
+        "mean_squared",
+        "mean_squared: accumulate G*G of each micro-batch's gradient G (a diagonal Fisher; the "
+        "reference's statistic at micro-batch 1); per_sample_squared: square each sequence's "
+        "share of G before summing (the reference's per-sample squares at any micro-batch); "
+        "mean: accumulate G.",
     )
     after_mask: Literal["restart", "continue"] = _f(
         "restart",

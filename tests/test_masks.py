@@ -23,7 +23,7 @@ def _model_and_batches(tiny_model_path, n_micro=3):
     return model, batches
 
 
-@pytest.mark.parametrize("stat", ["mean_squared", "mean"])
+@pytest.mark.parametrize("stat", ["mean_squared", "per_sample_squared", "mean"])
 def test_accumulator_equals_independent_weight_gradients(tiny_model_path, stat):
     """Every module, q/k/v and gate/up (which share their input) included, accumulates exactly
     the statistic of the frozen weight's true gradient, computed here by autograd instead."""
@@ -39,6 +39,15 @@ def test_accumulator_equals_independent_weight_gradients(tiny_model_path, stat):
     for m in modules.values():
         m.base.weight.requires_grad_(True)
     for ids in batches:
+        if stat == "per_sample_squared":
+            # sequence b's share of the micro-batch gradient: its own loss's gradient / rows
+            # (every sequence has the same number of label tokens here)
+            for b in range(ids.shape[0]):
+                model.zero_grad()
+                (model(input_ids=ids[b : b + 1], labels=ids[b : b + 1]).loss / len(ids)).backward()
+                for n, m in modules.items():
+                    expected[n] += m.base.weight.grad**2
+            continue
         model.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
         for n, m in modules.items():

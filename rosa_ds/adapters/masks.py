@@ -4,7 +4,8 @@ Collection. For every adapted module with a sparse part, a forward hook keeps th
 ``X`` (by reference, never modified: q/k/v and gate/up share one input tensor) and puts a hook on
 the output's gradient ``dY``; the frozen weight's gradient for the micro-batch is
 ``G = dY^T X`` (it never needs ``W``, so it works for quantized weights too). ``G*G``
-(``mean_squared``) or ``G`` (``mean``) is reduce-scattered at once across the data-parallel ranks:
+(``mean_squared``), the sum of each sequence's ``G_b*G_b`` (``per_sample_squared``), or ``G``
+(``mean``) is reduce-scattered at once across the data-parallel ranks:
 rank ``r`` owns elements ``[r * shard, (r + 1) * shard)`` of each flattened matrix and keeps only
 that accumulator, so no rank ever holds the model's dense accumulator (only one matrix's ``G`` at
 a time, as backward produces it). DeepSpeed scales the loss by 1/GAS; that factor is undone so
@@ -90,10 +91,20 @@ class GradientCollector:
 
     def _accumulate(self, name: str, x: torch.Tensor, dy: torch.Tensor) -> None:
         out_f, in_f = self.shapes[name]
-        g = dy.reshape(-1, out_f).float().T @ x.reshape(-1, in_f).float()
-        g = g * self.grad_scale
-        stat = (g * g if self.stat == "mean_squared" else g).flatten()
-        self.acc[name] += self._reduce_scatter(stat.to(self.acc[name].device), self.shard[name])
+        if self.stat == "per_sample_squared":
+            # one sequence's share of G at a time: G_b = dY_b^T X_b, sum of G_b * G_b
+            rows = x.shape[0] if x.dim() > 2 else 1
+            dys, xs = dy.reshape(rows, -1, out_f), x.reshape(rows, -1, in_f)
+            stat = torch.zeros(out_f, in_f, dtype=torch.float32, device=dy.device)
+            for dy_b, x_b in zip(dys, xs, strict=True):
+                g = (dy_b.float().T @ x_b.float()) * self.grad_scale
+                stat += g * g
+        else:
+            g = dy.reshape(-1, out_f).float().T @ x.reshape(-1, in_f).float()
+            g = g * self.grad_scale
+            stat = g * g if self.stat == "mean_squared" else g
+        flat = stat.flatten().to(self.acc[name].device)
+        self.acc[name] += self._reduce_scatter(flat, self.shard[name])
 
     def _reduce_scatter(self, flat: torch.Tensor, shard: int) -> torch.Tensor:
         if self.world == 1:
