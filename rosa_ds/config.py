@@ -180,8 +180,8 @@ class QuantConfig:
 class DataConfig:
     dataset: str = _f(
         "arithmetic",
-        "A bundled generator (arithmetic, sql), a local .json/.jsonl/.parquet file or folder, "
-        "or a hub dataset id (online only).",
+        "A bundled generator (arithmetic, multistep, sql), a local .json/.jsonl/.parquet file "
+        "or folder, or a hub dataset id (online only).",
     )
     format: Literal["auto", "prompt_response", "gsm8k", "sql_context"] = _f(
         "auto",
@@ -199,6 +199,9 @@ class DataConfig:
     eval_fraction: float = _f(0.05, "Held-out fraction when the dataset has no eval split.")
     num_train: int = _f(2000, "Number of generated training examples (generators only).")
     num_eval: int = _f(64, "Number of generated evaluation examples (generators only).")
+    difficulty: int = _f(
+        4, "Operations per problem of the multistep generator (1 to 12; other data ignore it)."
+    )
     max_length: int = _f(256, "Longest tokenized example; longer ones are truncated.")
     packing: bool = _f(False, "Pack several examples into each sequence instead of padding.")
     chat_template: bool = _f(True, "Use the tokenizer's chat template when it has one.")
@@ -591,6 +594,10 @@ def validate(cfg: RunConfig) -> None:
         0 < d.eval_fraction < 1, f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}"
     )
     _require(d.num_train > 0 and d.num_eval > 0, "data.num_train and data.num_eval must be > 0")
+    _require(
+        1 <= d.difficulty <= 12,
+        f"data.difficulty must be from 1 to 12 operations, got {d.difficulty}; e.g. data.difficulty=4",
+    )
     _require(
         e.num_generate >= 0 and e.max_new_tokens > 0 and e.batch_size > 0,
         "eval.num_generate must be >= 0, eval.max_new_tokens and eval.batch_size > 0",

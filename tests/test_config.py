@@ -42,6 +42,7 @@ def test_overrides_apply_with_types():
         ("adapter.dropout=1.5", "adapter.dropout must be in [0, 1)"),
         ("train.precision=fp8", "train.precision must be one of"),
         ("adapter.robust.sparse_lr=0", "adapter.robust.sparse_lr must be > 0"),
+        ("data.difficulty=0", "data.difficulty must be from 1 to 12"),
         ("adapter.robust.sparse_lr=fast", "adapter.robust.sparse_lr must be a number"),
         ("train.global_batch_size=7", "must be a positive multiple"),
         ("model.trust_remote_code=maybe", "must be true or false"),

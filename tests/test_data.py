@@ -29,6 +29,42 @@ def test_arithmetic_answers_are_right():
         assert number_match(rec["answer"], rec["answer"])
 
 
+@pytest.mark.parametrize("difficulty", [1, 4, 8])
+def test_multistep_answers_chain_the_stated_operations(difficulty):
+    """Each problem states ``difficulty`` operations; the answer applies them in order to the
+    running total, every intermediate a whole number in 1..999, and its last value is the
+    answer after ####."""
+    records = generate("multistep", 300, 5, difficulty)
+    assert records == generate("multistep", 300, 5, difficulty)
+    assert len({r["question"] for r in records}) > 290
+    for rec in records:
+        work, final = rec["answer"].split("\n#### ")
+        steps = work.rstrip(".").split(", ")
+        assert len(steps) == difficulty == rec["question"].count("Then ")
+        start = int(rec["question"].split(" has ")[1].split()[0])
+        total = start
+        for step in steps:
+            lhs, rhs = step.split(" = ")
+            a, op, b = lhs.split()
+            assert int(a) == total  # each step starts from the previous result
+            total = eval(lhs.replace("/", "//"))  # noqa: S307 - generated arithmetic
+            assert total == int(rhs) and 1 <= total <= 999
+            if op == "/":
+                assert int(a) % int(b) == 0
+        assert int(final) == total and number_match(rec["answer"], rec["answer"])
+    ops = {step.split()[1] for rec in records for step in rec["answer"].split("\n")[0].split(", ")}
+    assert ops == {"+", "-", "*", "/"}
+
+
+def test_multistep_loads_as_a_task_with_its_difficulty():
+    from rosa_ds.config import DataConfig
+    from rosa_ds.data.loading import load_task_data
+
+    data = load_task_data(DataConfig(dataset="multistep", num_train=50, num_eval=10, difficulty=6))
+    assert data.metric == "number_match" and len(data.train) == 50 and len(data.eval) == 10
+    assert all(r["reference"].count(" = ") == 6 for r in data.eval)
+
+
 @pytest.mark.parametrize(
     "pred, ok",
     [

@@ -24,7 +24,7 @@ FORMAT_FIELDS = {
     "sql_context": ("question", "context", "answer"),
 }
 FORMAT_METRIC = {"prompt_response": "none", "gsm8k": "number_match", "sql_context": "sql_execution"}
-GENERATOR_FORMAT = {"arithmetic": "gsm8k", "sql": "sql_context"}
+GENERATOR_FORMAT = {"arithmetic": "gsm8k", "multistep": "gsm8k", "sql": "sql_context"}
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -139,11 +139,11 @@ def load_task_data(cfg: DataConfig) -> TaskData:
     """Train and held-out records plus the format and the metric that scores them."""
     if cfg.dataset in GENERATORS:
         fmt = GENERATOR_FORMAT[cfg.dataset]
-        train_rows = generate(cfg.dataset, cfg.num_train, cfg.seed)
+        train_rows = generate(cfg.dataset, cfg.num_train, cfg.seed, cfg.difficulty)
         seen = {r["question"] for r in train_rows}
         eval_rows = [
             r
-            for r in generate(cfg.dataset, cfg.num_eval * 4, cfg.seed + 1)
+            for r in generate(cfg.dataset, cfg.num_eval * 4, cfg.seed + 1, cfg.difficulty)
             if r["question"] not in seen
         ][: cfg.num_eval]
         source = f"generator {cfg.dataset}"

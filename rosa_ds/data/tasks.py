@@ -2,6 +2,8 @@
 
 * ``arithmetic``: GSM8K-style word problems; the answer ends in ``#### N`` and is scored by exact
   match of the final number.
+* ``multistep``: the same kind of problem with ``data.difficulty`` operations on a running total
+  (default 4), where one or two steps are not enough, so that capacity shows; same metric.
 * ``sql``: text-to-SQL over generated sqlite3 tables, in the schema of sql-create-context
   (question, context, answer) plus ``setup``, the SQL that fills the table so that a predicted
   query can be scored by executing it (execution accuracy).
@@ -138,13 +140,50 @@ def _sql_problem(rng: random.Random) -> Record:
     return {"question": q, "context": ddl, "answer": sql, "setup": f"{ddl}; {inserts}"}
 
 
-GENERATORS: dict[str, Callable[[random.Random], Record]] = {
-    "arithmetic": _arithmetic_problem,
-    "sql": _sql_problem,
+def _multistep_problem(rng: random.Random, steps: int) -> Record:
+    """A running total changed by ``steps`` operations (add, take away, multiply, share out),
+    every intermediate a whole number from 1 to 999; the answer shows each step."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    total = rng.randint(5, 60)
+    sentences, work = [f"{name} has {total} {item}."], []
+    for _ in range(steps):
+        factors = [k for k in (2, 3, 4) if total * k <= 999]
+        divisors = [k for k in (2, 3, 4, 5) if total % k == 0]
+        ops = ["add"] + ["sub"] * (total >= 3) + ["mul"] * bool(factors) + ["div"] * bool(divisors)
+        op = rng.choice(ops)
+        if op == "add":
+            b = rng.randint(2, 40)
+            sentences.append(f"Then {name} {rng.choice(['gets', 'finds'])} {b} more.")
+            work.append(f"{total} + {b} = {total + b}")
+            total += b
+        elif op == "sub":
+            b = rng.randint(1, total - 1)
+            sentences.append(f"Then {name} {rng.choice(['gives away', 'loses'])} {b}.")
+            work.append(f"{total} - {b} = {total - b}")
+            total -= b
+        elif op == "mul":
+            b = rng.choice(factors)
+            sentences.append(f"Then {name} makes the number of {item} {b} times as large.")
+            work.append(f"{total} * {b} = {total * b}")
+            total *= b
+        else:
+            b = rng.choice(divisors)
+            sentences.append(f"Then {name} splits them into {b} equal groups and keeps one.")
+            work.append(f"{total} / {b} = {total // b}")
+            total //= b
+    question = " ".join(sentences) + f" How many {item} does {name} have now?"
+    return {"question": question, "answer": f"{', '.join(work)}.\n#### {total}"}
+
+
+GENERATORS: dict[str, Callable[[random.Random, int], Record]] = {
+    "arithmetic": lambda rng, difficulty: _arithmetic_problem(rng),
+    "multistep": _multistep_problem,
+    "sql": lambda rng, difficulty: _sql_problem(rng),
 }
 
 
-def generate(task: str, n: int, seed: int) -> list[Record]:
-    """``n`` examples of ``task``, the same for the same seed on every rank and machine."""
-    rng = random.Random(f"{task}:{seed}")
-    return [GENERATORS[task](rng) for _ in range(n)]
+def generate(task: str, n: int, seed: int, difficulty: int = 4) -> list[Record]:
+    """``n`` examples of ``task``, the same for the same seed on every rank and machine;
+    ``difficulty`` is the number of operations of a ``multistep`` problem."""
+    rng = random.Random(f"{task}:{seed}" if task != "multistep" else f"{task}:{difficulty}:{seed}")
+    return [GENERATORS[task](rng, difficulty) for _ in range(n)]
