@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rosa_ds.errors import UserError
+
 if TYPE_CHECKING:
     from rosa_ds.config import RunConfig
 
@@ -179,6 +181,26 @@ def announce(choice: PrecisionChoice, cfg: RunConfig) -> None:
     warning = explicit_bf16 and warning_for(explicit_bf16[0], choice, run_device_type())
     if warning:
         print(warning, file=sys.stderr, flush=True)
+
+
+def check_ranks_agree(choice: PrecisionChoice) -> None:
+    """Every rank resolves ``auto`` alone; where a job's nodes differ in native bf16 the ranks
+    would train in different dtypes. One all-reduce after the process group starts: bf16 on
+    every rank or on none, else a UserError on every rank."""
+    import torch.distributed as dist
+
+    from rosa_ds.dist import all_reduce_sum
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    (bf16_ranks,) = all_reduce_sum([1.0 if choice.used == "bf16" else 0.0])
+    if 0 < bf16_ranks < world:
+        raise UserError(
+            f"train.precision={choice.requested} resolved to bf16 on {int(bf16_ranks)} of "
+            f"{world} ranks and to fp32 on the others (their devices differ in native bf16); "
+            "set train.precision=bf16 or fp32 explicitly"
+        )
 
 
 def _precision_of(config_yaml: Path) -> str | None:

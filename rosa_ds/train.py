@@ -455,12 +455,13 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
     resumed_config = Path(cfg.output_dir) / "config.yaml" if resume is not None else None
     cfg, choice = precision.resolve(cfg, resumed_config=resumed_config)
     prep = prepare(cfg, resume=resume, training=True)
-    if detect_placement().rank == 0:
-        precision.announce(choice, cfg)
     quiet_libraries()
     trainer = Trainer(cfg, prep, choice)
     trainer.resumed_from = read_state(prep.resume_from)["step"] if prep.resume_from else 0
     placement = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.comm_timeout_minutes)
+    precision.check_ranks_agree(choice)
+    if placement.rank == 0:
+        precision.announce(choice, cfg)
     watchdog = Watchdog(
         placement.rank,
         placement.world_size,

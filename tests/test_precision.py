@@ -113,3 +113,51 @@ def test_env_says_what_auto_picks():
     report = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert report["precision_auto"]["picks"] == "fp32"
     assert "cpu" in report and "bf16_flags" in report["cpu"]
+
+
+def _two_ranks(script_args: list[str]) -> list[tuple[int, str]]:
+    """Two ranks of the precision probe as plain processes (no launcher wrapping their output):
+    (exit code, stderr) per rank."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, free_port
+
+    probe = str(REPO / "tests" / "probes" / "precision_probe.py")
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, probe, *script_args],
+            env=child_env(
+                RANK=str(r),
+                WORLD_SIZE="2",
+                LOCAL_RANK=str(r),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    return [(p.wait(timeout=600), p.communicate()[1]) for p in procs]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ranks_that_resolve_auto_differently_stop_with_one_line(tmp_path):
+    """Rank 0 computes bf16 natively, rank 1 does not: auto would mix dtypes, so the job stops
+    after the process group starts, with one line and exit code 2, before anything is written;
+    an explicit precision is the config's on every rank and trains."""
+    base = ["train", "--config", "tiny-lora", "train.max_steps=1", "eval.num_generate=0"]
+    out = tmp_path / "auto"
+    (code0, err0), (code1, err1) = _two_ranks([*base, f"output_dir={out}", "train.precision=auto"])
+    assert code0 == code1 == 2, err0[-3000:] + err1[-3000:]
+    lines = [line for line in err0.splitlines() if line.strip()]
+    assert len(lines) == 1 and "resolved to bf16 on 1 of 2 ranks" in lines[0], lines
+    assert "Traceback" not in err0 + err1
+    assert not out.exists() or not any(out.iterdir())
+    fixed = _two_ranks([*base, f"output_dir={tmp_path / 'fp32'}", "train.precision=fp32"])
+    assert [code for code, _ in fixed] == [0, 0], fixed[0][1][-3000:]
