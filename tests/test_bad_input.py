@@ -300,7 +300,8 @@ IN_SUBPROCESS = {
 
 def _run_in_process(args, extra_env, monkeypatch, capfd) -> tuple[int, str, str]:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that undo removes what the test sets
+        monkeypatch.delenv(key)
     for key, value in extra_env.items():
         monkeypatch.setenv(key, value)
     capfd.readouterr()

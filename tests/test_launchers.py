@@ -87,7 +87,8 @@ def test_expand_nodelist(nodelist, hosts):
 
 def test_slurm_environment_is_filled_from_the_node_list(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that undo removes what the test sets
+        monkeypatch.delenv(key)
     env = {
         "SLURM_PROCID": "5",
         "SLURM_STEP_NUM_TASKS": "8",
@@ -225,3 +226,10 @@ def test_hostfile_cli(monkeypatch, tmp_path, capsys):
     out = tmp_path / "hostfile"
     assert hostfile_main(["--slots", "4", "-o", str(out)]) == 0
     assert out.read_text() == "n1 slots=4\nn2 slots=4\n"
+
+
+def test_slurm_environment_test_leaves_no_rank_variables():
+    """Runs after the test above (same file, same pytest worker), which fills RANK, WORLD_SIZE,
+    ... in this process: they must be gone, or a later in-process run on this worker would take
+    itself for rank 5 of 8."""
+    assert os.environ.get("WORLD_SIZE") != "8" and os.environ.get("RANK") != "5"
