@@ -111,6 +111,24 @@ def train_ok(args: list[str], **kw) -> dict:
     return json.loads((Path(out) / "summary.json").read_text())
 
 
+def start_ranks(cmd: list[str], nproc: int = 2, **env: str) -> list[subprocess.Popen]:
+    """``cmd`` as ``nproc`` ranks of one job, plain processes with the torch launcher's
+    variables: no launcher that would kill the others or wrap their output."""
+    port = str(free_port())
+    rank_env = dict(WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)
+    return [
+        subprocess.Popen(
+            cmd,
+            env=child_env(RANK=str(r), LOCAL_RANK=str(r), **rank_env),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(nproc)
+    ]
+
+
 def run_probe(script: str, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
     """Run a script of tests/probes as ``nproc`` ranks (torchrun) or one plain process."""
     path = str(REPO / "tests" / "probes" / script)

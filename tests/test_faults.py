@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from rosa_ds import faults
 from rosa_ds.errors import TrainingError
 from rosa_ds.numerics import NonFiniteGuard, nonfinite_trainable
-from tests.helpers import LORA_REFERENCE, REPO, child_env, free_port, launch, train_ok
+from tests.helpers import LORA_REFERENCE, REPO, child_env, launch, start_ranks, train_ok
 
 RUN = [
     "--config",
@@ -146,25 +146,9 @@ def test_too_many_bad_steps_stop_the_run_and_no_checkpoint_holds_nan(tmp_path):
 
 def _start_ranks(out: Path, fault: str, timeout: float, args: list[str]) -> list[subprocess.Popen]:
     """Two ranks as plain processes: no launcher that would kill the survivor for us."""
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = child_env(
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            ROSA_DS_FAULT=fault,
-        )
-        cmd = [sys.executable, "-m", "rosa_ds.cli", "train", *args, f"output_dir={out}"]
-        cmd.append(f"deepspeed.heartbeat_timeout={timeout}")
-        procs.append(
-            subprocess.Popen(
-                cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    return procs
+    cmd = [sys.executable, "-m", "rosa_ds.cli", "train", *args, f"output_dir={out}"]
+    cmd.append(f"deepspeed.heartbeat_timeout={timeout}")
+    return start_ranks(cmd, ROSA_DS_FAULT=fault)
 
 
 @pytest.mark.slow

@@ -116,33 +116,15 @@ def test_env_says_what_auto_picks():
 
 
 def _two_ranks(script_args: list[str]) -> list[tuple[int, str]]:
-    """Two ranks of the precision probe as plain processes (no launcher wrapping their output):
-    (exit code, stderr) per rank."""
-    import subprocess
+    """Two ranks of the precision probe: (exit code, stderr) per rank."""
     import sys
 
-    from tests.helpers import REPO, free_port
+    from tests.helpers import REPO, start_ranks
 
     probe = str(REPO / "tests" / "probes" / "precision_probe.py")
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, probe, *script_args],
-            env=child_env(
-                RANK=str(r),
-                WORLD_SIZE="2",
-                LOCAL_RANK=str(r),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=port,
-            ),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for r in range(2)
-    ]
-    return [(p.wait(timeout=600), p.communicate()[1]) for p in procs]
+    procs = start_ranks([sys.executable, probe, *script_args])
+    errors = [p.communicate(timeout=600)[1] for p in procs]  # little output: no pipe fills
+    return [(p.returncode, err) for p, err in zip(procs, errors, strict=True)]
 
 
 @pytest.mark.slow
