@@ -5,7 +5,8 @@ A CPU without bf16 instructions emulates every bf16 matmul (measured on a Zen 3 
 than fp32), so bf16 there turns a minutes-long run into hours. Native means: CUDA with
 ``torch.cuda.is_bf16_supported()``; a CPU whose flags include ``avx512_bf16`` or ``amx_bf16``
 (x86) or ``bf16`` (Arm) *and* whose oneDNN build will use them (``ONEDNN_MAX_CPU_ISA`` can turn
-them off). Every rank of a job decides alone; the nodes of one job are alike in practice.
+them off). Every rank of a job decides alone; ``check_ranks_agree`` stops a training job whose
+ranks decided differently.
 """
 
 from __future__ import annotations
