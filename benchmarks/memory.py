@@ -187,8 +187,9 @@ def child_shard(args) -> dict:
 
 
 def child_resample(args) -> dict:
-    from rosa_ds.adapters.resample import resample_all, reset_optimizer_group
+    from rosa_ds.adapters.resample import resample_all
     from rosa_ds.train import make_sampler, optimizer_step
+    from rosa_ds.zero_params import reset_optimizer_group
 
     targets = [ATTENTION] if args.resample_targets == "attention" else []
     cfg, prep, built = _build(

@@ -98,7 +98,7 @@ def vs_lora(args) -> None:
 
     from rosa_ds.adapters.inject import adapted_modules
     from rosa_ds.config import load_config
-    from rosa_ds.engine import build_engine
+    from rosa_ds.engine import EngineOptions, build_engine
     from rosa_ds.model import load_tokenizer
     from rosa_ds.tracking import quiet_libraries
 
@@ -134,7 +134,12 @@ def vs_lora(args) -> None:
         ],
     )
     rosa = build_engine(
-        rosa_cfg, path, tok, hidden, training=True, masks=random_masks(lora.model, density, seed=0)
+        rosa_cfg,
+        path,
+        tok,
+        hidden,
+        training=True,
+        options=EngineOptions(masks=random_masks(lora.model, density, seed=0)),
     )
     engines = {"rosa": rosa.engine, "lora": lora.engine}
     count = {

@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 
-from rosa_ds.dist import barrier
+from rosa_ds.adapters.masks import save_masks
+from rosa_ds.dist import barrier, rank_world
 from rosa_ds.faults import exit_if
+from rosa_ds.reshard import load_elastic
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -127,9 +129,7 @@ def save_checkpoint(
 ) -> Path:
     """Every rank calls this. ``write_extras(folder)`` gathers and (on rank 0) writes what
     DeepSpeed does not store: the adapter and, after resamples, the rewritten frozen weights."""
-    import torch.distributed as dist
-
-    rank = dist.get_rank()
+    rank, _ = rank_world()
     root = checkpoint_root(output_dir)
     final = root / tag_for(step, tag_prefix)
     tmp_tag = tag_for(step, tag_prefix) + TMP_SUFFIX
@@ -154,8 +154,6 @@ def save_checkpoint(
     barrier()
     if rank == 0:
         if masks:
-            from rosa_ds.adapters.masks import save_masks
-
             save_masks(tmp / MASK_FILE, masks)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         _fault("state", step)
@@ -183,14 +181,10 @@ FROZEN_FILE = "frozen.safetensors"
 
 def load_checkpoint(engine: Any, folder: Path) -> dict[str, Any]:
     """Restore the engine, this rank's RNG, and return the trainer state."""
-    import torch.distributed as dist
-
-    from rosa_ds.reshard import load_elastic
-
     if not load_elastic(engine, folder):  # True: written by another world size, re-sharded
         engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
     state = read_state(folder)
-    rng_file = folder / f"rng-rank{dist.get_rank()}.pt"
+    rng_file = folder / f"rng-rank{rank_world()[0]}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return state

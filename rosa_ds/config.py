@@ -108,8 +108,34 @@ class SubspaceConfig:
     )
 
 
+# Every method by its one name, with the name papers and tables give it. The method follows from
+# the adapter keys (adapter.method=auto) or is named, and then checked against them.
+METHODS = {
+    "lora": "LoRA",
+    "sparse": "SpA",
+    "robust": "RoSA",
+    "subspace": "ROSA",
+    "hybrid": "RoSA+ROSA",
+    "full": "full fine-tuning",
+}
+METHOD_NEEDS = {
+    "lora": "adapter.rank > 0, adapter.density=0 and no adapter.resample_every",
+    "sparse": "adapter.rank=0, adapter.density > 0 and no adapter.resample_every",
+    "robust": "adapter.rank > 0, adapter.density > 0 and no adapter.resample_every",
+    "subspace": "adapter.rank > 0, adapter.density=0 and adapter.resample_every set",
+    "hybrid": "adapter.rank > 0, adapter.density > 0 and adapter.resample_every set",
+    "full": "adapter.density=0, no adapter.resample_every and quant.bits=16",
+}
+
+
 @dataclass
 class AdapterConfig:
+    method: Literal["auto", "lora", "sparse", "robust", "subspace", "hybrid", "full"] = _f(
+        "auto",
+        "lora, sparse (SpA), robust (RoSA: low-rank plus sparse), subspace (ROSA: resampled "
+        "low-rank), hybrid (RoSA+ROSA) or full (the targeted weights themselves trained); "
+        "auto: from adapter.rank, adapter.density and adapter.resample_every.",
+    )
     rank: int = _f(8, "LoRA rank r (>= 0; 0 with density > 0 is sparse-only, SpA).")
     alpha: float = _f(16.0, "LoRA scale numerator: the update is (alpha / rank) * B A.")
     dropout: float = _f(0.0, "Dropout on the adapter's input, in [0, 1).")
@@ -146,8 +172,24 @@ class AdapterConfig:
         return self.resample_every is not None
 
     @property
+    def method_name(self) -> str:
+        """The method these keys give (``adapter.method``, or what ``auto`` derives)."""
+        if self.method != "auto":
+            return self.method
+        return implied_method(self)
+
+    @property
     def sparse(self) -> bool:
         return self.density > 0 or any(d > 0 for d in self.robust.density_patterns.values())
+
+
+def implied_method(a: AdapterConfig) -> str:
+    """The method the rank, density and resampling keys describe."""
+    if a.resampling:
+        return "hybrid" if a.sparse else "subspace"
+    if a.sparse:
+        return "robust" if a.rank else "sparse"
+    return "lora"
 
 
 @dataclass
@@ -502,6 +544,18 @@ def validate(cfg: RunConfig) -> None:
     """Reject impossible values with a message that says what to set instead."""
     a, t, d, e = cfg.adapter, cfg.train, cfg.data, cfg.eval
     _require(bool(cfg.output_dir.strip()), "output_dir must not be empty; set output_dir=runs/NAME")
+    if a.method == "full":
+        _require(
+            not a.sparse and not a.resampling and not cfg.quant.enabled,
+            f"adapter.method=full needs {METHOD_NEEDS['full']} (4-bit weights cannot be "
+            "trained); drop the other methods' keys or choose another adapter.method",
+        )
+    elif a.method != "auto":
+        _require(
+            implied_method(a) == a.method,
+            f"adapter.method={a.method} needs {METHOD_NEEDS[a.method]}, but the keys describe "
+            f"{implied_method(a)}; fix them or set adapter.method=auto",
+        )
     _require(a.rank >= 0, f"adapter.rank must be >= 0, got {a.rank}; e.g. adapter.rank=8")
     _require(0 <= a.density < 1, f"adapter.density must be in [0, 1), got {a.density}")
     for pattern, dens in a.robust.density_patterns.items():
@@ -517,7 +571,7 @@ def validate(cfg: RunConfig) -> None:
                 f"expression ({exc}); escape special characters, e.g. 'mlp\\.down_proj'"
             ) from None
     _require(
-        a.rank > 0 or a.sparse,
+        a.rank > 0 or a.sparse or a.method == "full",
         f"adapter.rank must be > 0 unless adapter.density > 0 "
         f"(sparse-only), got rank {a.rank}; e.g. adapter.rank=8",
     )

@@ -281,6 +281,15 @@ def init_distributed(backend: str = "auto", timeout_minutes: float | None = None
     )
 
 
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the world size of the process group (0, 1 without one)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def comm_device() -> torch.device:
     """Where small tensors for collectives must live: the GPU for NCCL, the CPU for gloo/MPI."""
     import torch

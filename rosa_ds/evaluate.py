@@ -9,19 +9,23 @@ each forward is a collective.
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from rosa_ds import precision
+from rosa_ds.adapted_model import load_adapted_model
+from rosa_ds.adapters.io import is_delta, load_adapter, masks_from_state
 from rosa_ds.config import RunConfig
 from rosa_ds.data.batching import collate, shard_evenly
 from rosa_ds.data.metrics import score
 from rosa_ds.data.tokenize import IGNORE, prompt_ids
-from rosa_ds.dist import all_reduce_sum, detect_placement
-from rosa_ds.engine import Built, build_engine
-from rosa_ds.errors import UserError
+from rosa_ds.dist import all_reduce_sum, init_distributed
+from rosa_ds.engine import Built, EngineOptions, build_engine, torch_dtype
 from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.preflight import Prepared, prepare
 from rosa_ds.tracking import quiet_libraries
@@ -128,62 +132,88 @@ def task_metric(
 def evaluate_all(
     cfg: RunConfig, built: Built, prep: Prepared, with_metric: bool
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Held-out loss and (``with_metric``) the task metric of a built engine's model."""
     p = built.placement
-    pad = built.tokenizer.pad_token_id
+    synced = built.zero_stage == 3 and p.world_size > 1
+    return evaluate_model(cfg, prep, built.model, p.rank, p.world_size, synced, with_metric)
+
+
+def evaluate_model(
+    cfg: RunConfig,
+    prep: Prepared,
+    model: torch.nn.Module,
+    rank: int,
+    world: int,
+    synced: bool,
+    with_metric: bool,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """``synced``: every forward is a collective (ZeRO-3), so ranks generate in lockstep."""
+    tokenizer = prep.tokenizer
     results = heldout_loss(
-        built.model,
+        model,
         prep.eval_examples,
         cfg.train.micro_batch_size,
-        pad,
-        p.rank,
-        p.world_size,
+        tokenizer.pad_token_id,
+        rank,
+        world,
         cfg.eval.max_loss_examples,
     )
     samples: list[dict[str, Any]] = []
     if with_metric and prep.data.metric != "none" and cfg.eval.num_generate:
         value, samples = task_metric(
-            built.model,
-            built.tokenizer,
+            model,
+            tokenizer,
             prep.data.eval,
             prep.data.metric,
             num=cfg.eval.num_generate,
             batch_size=cfg.eval.batch_size,
             max_new_tokens=cfg.eval.max_new_tokens,
             use_chat_template=cfg.data.chat_template,
-            rank=p.rank,
-            world=p.world_size,
-            synced=built.zero_stage == 3 and p.world_size > 1,
+            rank=rank,
+            world=world,
+            synced=synced,
         )
         results[prep.data.metric] = value
     return results, samples
 
 
 def evaluate(cfg: RunConfig, adapter_dir: str | None) -> dict[str, Any]:
-    """Held-out loss, perplexity and task metric of the base model plus an adapter (if given)."""
-    from rosa_ds.adapters.io import load_adapter
+    """Held-out loss, perplexity and task metric of the base model plus an adapter (if given).
 
+    An accumulated update (a resampled run's final adapter) is merged into the base weights in
+    memory and evaluated in each process without DeepSpeed; any other adapter is evaluated on
+    a DeepSpeed engine as it was trained."""
     cfg, choice = precision.resolve(cfg)
     prep = prepare(cfg, resume=None, training=False)
     state = masks = None
     if adapter_dir is None and (Path(cfg.output_dir) / "adapter").is_dir():
         adapter_dir = str(Path(cfg.output_dir) / "adapter")
+    merged = False
     if adapter_dir is not None:
         state, meta = load_adapter(adapter_dir)
-        cfg, masks = adapter_as_trained(cfg, prep.hf_config, state, meta, adapter_dir)
-    if detect_placement().rank == 0:
+        merged = is_delta(meta)
+        if not merged:
+            cfg, masks = adapter_as_trained(cfg, prep.hf_config, state, meta, adapter_dir)
+    placement = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.comm_timeout_minutes)
+    if placement.rank == 0:
         precision.announce(choice, cfg)
     quiet_libraries()
-    built = build_engine(
-        cfg,
-        prep.model_path,
-        prep.tokenizer,
-        prep.hidden_size,
-        training=False,
-        adapter_state=state,
-        masks=masks,
-    )
     with torch.no_grad():
-        results, samples = evaluate_all(cfg, built, prep, with_metric=True)
+        if merged:
+            dtype = torch_dtype(cfg.train.precision)
+            model, _, _ = load_adapted_model(adapter_dir, prep.model_path, dtype)
+            rank, world = placement.rank, placement.world_size
+            results, samples = evaluate_model(cfg, prep, model, rank, world, False, True)
+        else:
+            built = build_engine(
+                cfg,
+                prep.model_path,
+                prep.tokenizer,
+                prep.hidden_size,
+                training=False,
+                options=EngineOptions(masks=masks, adapter_state=state),
+            )
+            results, samples = evaluate_all(cfg, built, prep, with_metric=True)
     return {"adapter": adapter_dir, **results, "samples": samples[:3]}
 
 
@@ -196,43 +226,25 @@ def adapter_as_trained(
 ) -> tuple[RunConfig, dict[str, SparseStructure] | None]:
     """The adapter settings an adapter folder was trained with (its ``adapter.json`` wins over
     the config) and its masks, so any method's adapter evaluates as it was trained."""
-    import re
-    from dataclasses import replace
-
-    if meta.get("method") == "subspace":
-        raise UserError(
-            f"{adapter_dir} holds a subspace adapter (an update of varying rank); evaluate its "
-            f"merged model instead: rosa-ds export --adapter {adapter_dir} --out DIR, then "
-            "rosa-ds eval with model.name_or_path=DIR"
-        )
     sparse = meta.get("sparse_modules", [])
     masks = None
     if sparse:
-        from transformers import AutoModelForCausalLM
-
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(hf_config)
-        masks = {}
-        for name in sparse:
-            try:
-                shape = tuple(skeleton.get_submodule(name).weight.shape)
-                masks[name] = SparseStructure.from_csr(
-                    state[f"{name}.row_ptr"], state[f"{name}.col_idx"], shape
-                )
-            except (AttributeError, KeyError, ValueError, RuntimeError) as exc:
-                raise UserError(
-                    f"adapter in {adapter_dir} has a broken mask for {name} ({exc}); "
-                    "save it again from its run"
-                ) from None
+        masks = masks_from_state(
+            state, sparse, lambda n: skeleton.get_submodule(n).weight.shape, adapter_dir
+        )
     exact = [re.escape(n) for n in meta["modules"]]  # matched at the end of the full name
     adapter = replace(
         cfg.adapter,
+        method="full" if meta.get("method") == "full" else "auto",
         rank=meta["rank"],
         alpha=meta["alpha"],
         dropout=0.0,
         targets=exact,
         exclude=[],
         density=0.0,
+        resample_every=None,
         robust=replace(cfg.adapter.robust, density_patterns={}),
     )
     if sparse:  # any density > 0 marks the module sparse; the mask itself comes from the file

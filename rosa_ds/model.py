@@ -12,12 +12,17 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from filelock import FileLock
+
 from rosa_ds.config import AdapterConfig, ModelConfig, QuantConfig
 from rosa_ds.errors import UserError
+from rosa_ds.quant.load import compute_dtype, load_streaming, quant_targets, quantize_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -41,8 +46,6 @@ def cache_dir() -> Path:
 
 @contextmanager
 def _locked(path: Path):
-    from filelock import FileLock
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         yield
@@ -71,7 +74,6 @@ def _materialize(name: str, build) -> Path:
 
 
 def _build_tiny(folder: Path) -> None:
-    import torch
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -201,20 +203,40 @@ def load_model(
 
     With ``quant.bits=4`` the frozen weights of the layers ``adapter`` targets (or of every
     linear layer) are quantized while loading (``rosa_ds.quant.load``)."""
+    if quant is not None and quant.enabled:
+        model = _load_quantized(path, cfg, dtype, quant, adapter)
+    else:
+        model = _from_pretrained(path, cfg, dtype)
+    return finish_model(model, cfg)
+
+
+def _from_pretrained(path: str, cfg: ModelConfig, dtype: Any) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    if quant is not None and quant.enabled:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        from rosa_ds.quant.load import load_quantized_model
-
-        return load_quantized_model(
-            path, cfg, dtype, quant, adapter, partitioned=is_deepspeed_zero3_enabled()
-        )
-    model = AutoModelForCausalLM.from_pretrained(
+    return AutoModelForCausalLM.from_pretrained(
         path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype
     )
-    return finish_model(model, cfg)
+
+
+def _load_quantized(
+    path: str, cfg: ModelConfig, dtype: Any, quant: QuantConfig, adapter: AdapterConfig
+) -> PreTrainedModel:
+    """Stream and quantize tensor by tensor where the checkpoint allows (not under ZeRO-3,
+    whose partitioned load is the memory saving); else load, then quantize layer by layer."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        model = load_streaming(path, cfg, dtype, quant, adapter)
+        if model is not None:
+            return model
+        warnings.warn(
+            f"{path}: not a local safetensors checkpoint with matching names; the model is "
+            "loaded whole, then quantized",
+            stacklevel=3,
+        )
+    model = _from_pretrained(path, cfg, dtype)
+    quantize_model(model, quant_targets(model, adapter, quant), quant, compute_dtype(quant, dtype))
+    return model
 
 
 def finish_model(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from rosa_ds.dist import all_reduce_sum
 from rosa_ds.errors import TrainingError
 
 
@@ -42,8 +43,6 @@ class NonFiniteGuard:
 def nonfinite_trainable(model: torch.nn.Module) -> int:
     """Trainable parameters holding NaN or Inf, counted over all ranks (each checks what it
     holds: its partition under ZeRO-3, the full tensor otherwise)."""
-    from rosa_ds.dist import all_reduce_sum
-
     bad = 0
     for p in model.parameters():
         if p.requires_grad:

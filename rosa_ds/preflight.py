@@ -7,18 +7,37 @@ output directory.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rosa_ds.checkpoint import checkpoint_root, incomplete_checkpoints, latest_checkpoint
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from rosa_ds.adapters.inject import adapted_modules, inject_adapters
+from rosa_ds.adapters.masks import check_masks, load_masks, module_density
+from rosa_ds.checkpoint import (
+    FROZEN_FILE,
+    MASK_FILE,
+    checkpoint_root,
+    incomplete_checkpoints,
+    latest_checkpoint,
+    read_state,
+)
 from rosa_ds.config import RunConfig
 from rosa_ds.data.loading import TaskData, load_task_data
 from rosa_ds.data.tokenize import pack, tokenize_records
 from rosa_ds.dist import detect_placement
+from rosa_ds.ds_config import read_ds_config
 from rosa_ds.errors import UserError
+from rosa_ds.model import check_model, load_tokenizer
+from rosa_ds.quant.files import frozen_file_shapes
+from rosa_ds.weight_files import has_safetensors
 
 
 @dataclass
@@ -94,20 +113,12 @@ def check_adapters(
 ) -> list[str]:
     """Match adapter targets (a mask file, a checkpoint to resume) on a weightless copy of the
     model; for training, check the output directory has room for a checkpoint."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from rosa_ds.adapters.inject import inject_adapters
-    from rosa_ds.adapters.masks import check_masks, load_masks
-
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(
             hf_config, trust_remote_code=cfg.model.trust_remote_code
         )
         names = inject_adapters(skeleton, cfg.adapter)
     if cfg.adapter.resampling:
-        from rosa_ds.adapters.inject import adapted_modules
-
         for name, m in adapted_modules(skeleton).items():
             if cfg.adapter.rank > min(m.out_features, m.in_features):
                 raise UserError(
@@ -134,13 +145,10 @@ def checkpoint_bytes(skeleton: Any, cfg: RunConfig) -> int:
     """A generous size of one checkpoint: per trainable element the fp32 master weight, Adam's
     two moments, the model copy and the adapter file (20 bytes); the sparse values at their
     density; after resamples, the rewritten frozen weights in the training dtype."""
-    from rosa_ds.adapters.inject import adapted_modules
-    from rosa_ds.adapters.masks import module_density
-
     elements = frozen = 0
     for name, m in adapted_modules(skeleton).items():
         numel = m.out_features * m.in_features
-        elements += m.rank * (m.out_features + m.in_features)
+        elements += sum(p.numel() for p in m.adapter_params().values())
         elements += int(module_density(name, cfg.adapter) * numel)
         frozen += numel
     size = 20 * elements
@@ -150,8 +158,6 @@ def checkpoint_bytes(skeleton: Any, cfg: RunConfig) -> int:
 
 
 def check_disk_room(output_dir: str, needed: int) -> None:
-    import shutil
-
     probe = Path(output_dir).expanduser()
     while not probe.exists():
         probe = probe.parent
@@ -165,8 +171,6 @@ def check_disk_room(output_dir: str, needed: int) -> None:
 
 def _safetensors_shapes(path: Path, what: str, fix: str) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header; a truncated or foreign file is a UserError."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
@@ -181,20 +185,14 @@ def _safetensors_shapes(path: Path, what: str, fix: str) -> dict[str, tuple[int,
 def check_checkpoint_fits(folder: Path, skeleton: Any, cfg: RunConfig) -> None:
     """The checkpoint was written for this model and adapter config, and its files are whole:
     checked on every rank before any collective, so a mismatch is one line, not a hang."""
-    from rosa_ds.adapters.inject import adapted_modules
-    from rosa_ds.adapters.masks import check_masks, load_masks
-    from rosa_ds.checkpoint import FROZEN_FILE, MASK_FILE, read_state
-
     modules = adapted_modules(skeleton)
     fix = f"resume with the run's own config ({Path(cfg.output_dir) / 'config.yaml'})"
     broken = "resume from an earlier checkpoint with --resume DIR"
     phase = read_state(folder).get("phase", "train")
     meta_file = folder / "adapter" / "adapter.json"
     if meta_file.is_file():
-        import json
-
         meta = json.loads(meta_file.read_text())
-        rank = cfg.adapter.rank
+        rank = 0 if cfg.adapter.method_name == "full" else cfg.adapter.rank
         if phase == "warmup" and rank == 0:
             rank = cfg.adapter.robust.warmup_rank
         if sorted(meta.get("modules", [])) != sorted(modules):
@@ -221,8 +219,6 @@ def check_checkpoint_fits(folder: Path, skeleton: Any, cfg: RunConfig) -> None:
         check_masks(load_masks(folder / MASK_FILE), skeleton, cfg.adapter)
     if (folder / FROZEN_FILE).is_file():
         shapes = _safetensors_shapes(folder / FROZEN_FILE, "frozen-weight file", broken)
-        from rosa_ds.quant.files import frozen_file_shapes
-
         shapes.update(frozen_file_shapes(folder / FROZEN_FILE))  # 4-bit records: their matrix
         for name, m in modules.items():
             if shapes.get(name) != (m.out_features, m.in_features):
@@ -247,8 +243,7 @@ def check_weight_files(model_path: str, need_safetensors: bool) -> None:
     files = sorted(folder.glob("*.safetensors"))
     for file in files:
         _safetensors_shapes(file, "model weights", "download or convert the model again")
-    has_index = (folder / "model.safetensors.index.json").is_file()
-    if need_safetensors and not ((folder / "model.safetensors").is_file() or has_index):
+    if need_safetensors and not has_safetensors(folder):
         raise UserError(
             f"subspace adaptation reads base weights from model.safetensors (or its index), "
             f"and {folder} has none; save the model with save_pretrained(safe_serialization="
@@ -257,8 +252,6 @@ def check_weight_files(model_path: str, need_safetensors: bool) -> None:
 
 
 def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
-    from rosa_ds.model import check_model, load_tokenizer
-
     placement = detect_placement()
     t = cfg.train
     per_step = t.micro_batch_size * placement.world_size
@@ -272,8 +265,6 @@ def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
     if training:
         check_output_dir(cfg.output_dir, resume is not None)
         resume_from = find_resume(cfg.output_dir, resume)
-    from rosa_ds.ds_config import read_ds_config
-
     read_ds_config(cfg.deepspeed.config)
     model_path, hf_config = check_model(cfg.model)
     check_weight_files(model_path, need_safetensors=cfg.adapter.resampling)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from rosa_ds.errors import UserError
 
@@ -255,8 +256,6 @@ def _load_stage12(zo: Any, params: dict, full: FullState) -> None:
 
 
 def _load_stage3(zo: Any, params: dict, full: FullState) -> None:
-    import torch.distributed as dist
-
     if getattr(zo, "swap_optimizer", False) or getattr(zo, "params_in_nvme_and_cpu", False):
         raise UserError("resuming at another world size does not support NVMe offload")
     inner = zo.optimizer
@@ -317,8 +316,6 @@ def load_resharded(engine: Any, full: FullState) -> None:
 def load_elastic(engine: Any, folder: Path) -> bool:
     """Load ``folder`` into ``engine`` if DeepSpeed itself cannot (written by another world size
     or ZeRO stage) and return True; return False when DeepSpeed's own loader will do."""
-    import torch.distributed as dist
-
     saved = saved_world_size(folder)
     if saved is None:
         return False

@@ -57,3 +57,12 @@ def build_scheduler(
     if extra is None:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, base)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: base(step) * extra(step))
+
+
+def refresh_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Recompute the learning rates at the schedule's current step (after the factor changed,
+    e.g. a re-warm-up started, which the schedule would otherwise apply one step late)."""
+    for group, base_lr, fn in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base_lr * fn(scheduler.last_epoch)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +48,6 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def quiet_libraries() -> None:
-    import logging
-    import warnings
-
     import transformers
     from deepspeed.utils import logger as ds_logger
 

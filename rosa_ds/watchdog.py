@@ -19,6 +19,11 @@ import threading
 import time
 from typing import Any
 
+import torch.distributed as dist
+
+from rosa_ds.dist import broadcast_object
+from rosa_ds.errors import TrainingError, UserError
+
 ABORT = "abort"
 EXIT_CODE = 1
 
@@ -48,10 +53,6 @@ class Watchdog:
         """Every rank calls this after the process group exists."""
         if not self.enabled:
             return self
-        import torch.distributed as dist
-
-        from rosa_ds.dist import broadcast_object
-
         store_timeout = datetime.timedelta(seconds=max(self.timeout, 10))
         host = os.environ.get("MASTER_ADDR", "127.0.0.1")
         if self.rank == 0:
@@ -72,8 +73,6 @@ class Watchdog:
         """A clean end on this rank: stop beating without the others taking it for a loss."""
         if not self.enabled or self._thread is None:
             return
-        import torch.distributed as dist
-
         self.store.set(_done(self.rank), "1")
         self._stop.set()
         self._thread.join()
@@ -88,8 +87,6 @@ class Watchdog:
         """
         if not self.enabled or self.store is None:
             return
-        from rosa_ds.errors import TrainingError, UserError
-
         if not isinstance(exc, UserError | TrainingError | KeyboardInterrupt):
             deadline = time.monotonic() + self.timeout + 3 * self.interval
             while time.monotonic() < deadline and self._thread is not None:

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-import tests.helpers  # noqa: F401  (sets the environment for every test and subprocess)
-from tests.helpers import LORA_REFERENCE, train_ok
+pytest.register_assert_rewrite("tests.method_contract")  # its shared tests' messages
+
+import tests.helpers  # noqa: E402, F401  (sets the environment for every test and subprocess)
+from tests.helpers import LORA_REFERENCE, train_ok  # noqa: E402
 
 
 @pytest.fixture(scope="session")

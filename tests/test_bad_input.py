@@ -217,19 +217,24 @@ def _case(name: str, tmp: Path) -> tuple[list[str], dict[str, str], str]:
         return ["train", "--config", str(tmp / "c.yaml"), out], {}, "not a valid regular"
     if name == "heartbeat_negative":
         return [*base, "deepspeed.heartbeat_timeout=-1"], {}, "heartbeat_timeout must be >= 0"
-    if name in ("export_base_missing", "eval_subspace_adapter"):
+    if name in ("export_base_missing", "eval_foreign_subspace_adapter"):
         from safetensors.torch import save_file
 
         folder = tmp / "adapter"
         folder.mkdir()
         save_file({"x.lora_A": torch.zeros(2, 2)}, str(folder / "adapter.safetensors"))
-        meta = {"method": "subspace", "base_model": "builtin:tiny-llama", "modules": ["x"]}
+        meta = {
+            "method": "subspace",
+            "base_model": "builtin:tiny-llama",
+            "modules": ["x"],
+            "delta_ranks": {"x": 2},
+        }
         (folder / "adapter.json").write_text(json.dumps(meta))
         if name == "export_base_missing":
             cmd = ["export", "--adapter", str(folder), "--base", str(tmp / "nope")]
             return cmd, {}, "does not exist"
         cmd = ["eval", "--config", "tiny-lora", out, "--adapter", str(folder)]
-        return cmd, {}, "holds a subspace adapter"
+        return cmd, {}, "does not fit the base model"
     if name == "bad_subcommand_flag":
         return ["train", "--config", "tiny-lora", "--frobnicate"], {}, "unrecognized arguments"
     raise ValueError(name)
@@ -276,7 +281,7 @@ CASES = [
     "density_pattern_not_regex",
     "heartbeat_negative",
     "export_base_missing",
-    "eval_subspace_adapter",
+    "eval_foreign_subspace_adapter",
 ]
 
 

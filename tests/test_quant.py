@@ -140,7 +140,7 @@ def test_adapter_on_quantized_base_trains_like_adapter_on_dense_base():
     yb.square().sum().backward()
     torch.testing.assert_close(a.lora_A.grad, b.lora_A.grad)
     torch.testing.assert_close(a.lora_B.grad, b.lora_B.grad)
-    assert a.frozen_device == torch.device("cpu")
+    assert a.frozen.device == torch.device("cpu")
     torch.testing.assert_close(a.delta_weight(), b.delta_weight())
 
 

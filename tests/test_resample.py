@@ -148,7 +148,7 @@ def test_lowrank_delta_is_exact_at_its_rank():
 
 
 def test_rewarm_factor_rises_linearly_without_repeating():
-    from rosa_ds.engine import ReWarm
+    from rosa_ds.methods.subspace import ReWarm
 
     rewarm = ReWarm(4)
     assert rewarm.factor(3) == 1.0  # no resample yet

@@ -2,60 +2,38 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from rosa_ds.adapters.layer import AdaptedLinear
 from rosa_ds.config import AdapterConfig
-from rosa_ds.errors import UserError
 from rosa_ds.quant.linear import QuantizedLinear
+from rosa_ds.targets import find_targets as _find
 
-ALL_LINEAR = "all-linear"
-
-
-def _matches(name: str, pattern: str) -> bool:
-    """A pattern matches the end of the dotted name at a dot boundary (``q_proj``, ``mlp\\..*``)."""
-    return re.search(rf"(^|\.)(?:{pattern})$", name) is not None
+# a 4-bit layer is targeted like the layer it replaced
+LINEAR_KINDS = (nn.Linear, QuantizedLinear)
 
 
 def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Names of the linear modules that ``cfg.targets`` selects and ``cfg.exclude`` does not."""
-    kinds = (nn.Linear, QuantizedLinear)  # a 4-bit layer is targeted like the layer it replaced
-    linear = [n for n, m in model.named_modules() if isinstance(m, kinds) and n]
-    for pattern in cfg.targets + cfg.exclude:
-        if pattern == ALL_LINEAR:
-            continue
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise UserError(f"adapter pattern {pattern!r} is not a valid regex: {exc}") from None
-    chosen = [
-        n
-        for n in linear
-        if any(p == ALL_LINEAR or _matches(n, p) for p in cfg.targets)
-        and not any(_matches(n, p) for p in cfg.exclude)
-    ]
-    if not chosen:
-        examples = ", ".join(sorted({n.split(".")[-1] for n in linear})[:8])
-        raise UserError(
-            f"adapter.targets {cfg.targets} matched no linear module (minus exclude "
-            f"{cfg.exclude}); this model's linear layers end in: {examples}"
-        )
-    return chosen
+    return _find(model, cfg.targets, cfg.exclude, LINEAR_KINDS)
 
 
 def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
-    """Freeze the model and wrap every target in an adapter; returns the adapted module names."""
+    """Freeze the model and wrap every target in an adapter; returns the adapted module names.
+
+    Full fine-tuning (``adapter.method=full``) wraps the targets too, with no low-rank or sparse
+    part and their own weight trainable, so that every method has the same layer contract."""
     for p in model.parameters():
         p.requires_grad_(False)
+    full = cfg.method_name == "full"
     names = find_targets(model, cfg)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        setattr(parent, child, AdaptedLinear(base, cfg.rank, cfg.alpha, cfg.dropout))
+        rank = 0 if full else cfg.rank
+        setattr(parent, child, AdaptedLinear(base, rank, cfg.alpha, cfg.dropout, train_base=full))
     return names
 
 
@@ -76,3 +54,14 @@ def place_adapters(model: nn.Module, device: torch.device | str, dtype: torch.dt
             p.data = p.data.to(device, dtype if p.is_floating_point() else p.dtype)
         for b in module.buffers(recurse=False):
             b.data = b.data.to(device)
+
+
+def register_frozen_reads(model: nn.Module) -> None:
+    """Under ZeRO-3, let DeepSpeed gather a base weight for its adapter's own forward too (the
+    sparse-add path reads it there, outside the base module)."""
+    import deepspeed
+
+    for module in adapted_modules(model).values():
+        if module.reads_frozen_in_forward:
+            for p in module.base.parameters(recurse=False):
+                deepspeed.zero.register_external_parameter(module, p)

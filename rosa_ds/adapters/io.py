@@ -20,48 +20,23 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rosa_ds.adapters.inject import adapted_modules
+from rosa_ds.adapters.layer import MASK_BUFFERS
 from rosa_ds.errors import UserError
+from rosa_ds.kernels.csr import SparseStructure
+from rosa_ds.quant.files import quant_meta
+from rosa_ds.zero_params import read_full
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
 PEFT_DIR = "peft"
-STRUCTURE = ("row_ptr", "col_idx")
-
-
-def trainable_names(module: nn.Module) -> list[str]:
-    """The adapter parameters a layer has: ``lora_A``/``lora_B`` (rank > 0), ``sparse_values``."""
-    names = ["lora_A", "lora_B"] if module.rank else []
-    if module.sparse_values is not None:
-        names.append("sparse_values")
-    return names
-
-
-def _full_fp32(param: nn.Parameter, has_optimizer: bool) -> torch.Tensor:
-    """The whole fp32 value of a trainable parameter (a collective under ZeRO).
-
-    With an optimizer, DeepSpeed's fp32 master copy is read; otherwise the (possibly ZeRO-3
-    partitioned) model copy is gathered.
-    """
-    if has_optimizer:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        value = safe_get_full_fp32_param(param)
-        if value is not None:
-            return value.detach().float().cpu().clone()
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([param]):
-            return param.detach().float().cpu().clone()
-    return param.detach().float().cpu().clone()
 
 
 def gather_adapter_state(model: nn.Module, has_optimizer: bool) -> dict[str, torch.Tensor]:
     """Every rank calls this (it may gather); every rank gets the full adapter tensors."""
     state = {}
     for name, module in adapted_modules(model).items():
-        for attr in trainable_names(module):
-            state[f"{name}.{attr}"] = _full_fp32(getattr(module, attr), has_optimizer)
+        for attr, param in module.adapter_params().items():
+            state[f"{name}.{attr}"] = read_full(param, master=has_optimizer)
     return state
 
 
@@ -69,19 +44,16 @@ def structure_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The masks' CSR indices, stored beside the values so an adapter file stands alone."""
     state = {}
     for name, module in adapted_modules(model).items():
-        if module.sparse_values is not None:
-            for attr in STRUCTURE:
-                state[f"{name}.{attr}"] = getattr(module, attr).detach().cpu().clone()
+        for attr, buf in module.adapter_buffers().items():
+            state[f"{name}.{attr}"] = buf.detach().cpu().clone()
     return state
 
 
-def adapter_meta(model: nn.Module, base_model: str) -> dict[str, Any]:
+def adapter_meta(model: nn.Module, base_model: str, method: str) -> dict[str, Any]:
+    """What an adapter file needs besides its tensors; ``method`` is the run's method name."""
     modules = adapted_modules(model)
     first = next(iter(modules.values()))
     sparse = sorted(n for n, m in modules.items() if m.sparse_values is not None)
-    method = ("robust" if first.rank else "sparse") if sparse else "lora"
-    from rosa_ds.quant.files import quant_meta
-
     return quant_meta(model) | {
         "format": "rosa-ds-adapter",
         "version": 1,
@@ -114,16 +86,46 @@ def _atomic_dir_write(folder: Path, write) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write the native adapter and, for LoRA, the PEFT format beside it (``folder/peft``)."""
+def save_adapter(
+    folder: str | Path,
+    state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    extra: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] | None = None,
+) -> None:
+    """Write the native adapter and, for LoRA, the PEFT format beside it (``folder/peft``);
+    ``extra``: more safetensors files, ``{file name: (tensors, metadata)}``."""
 
     def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_FILE))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+        for name, (tensors, metadata) in (extra or {}).items():
+            save_file(tensors, str(tmp / name), metadata=metadata)
         if meta["method"] == "lora":
             write_peft(tmp / PEFT_DIR, state, meta)
 
     _atomic_dir_write(Path(folder), write)
+
+
+def masks_from_state(
+    state: dict[str, torch.Tensor],
+    names: list[str],
+    shape_of,
+    where: str,
+) -> dict[str, SparseStructure]:
+    """The masks an adapter file stores (CSR indices beside the values), checked against the
+    layer shapes ``shape_of(name)`` gives; a broken or foreign file is one UserError."""
+    masks = {}
+    for name in names:
+        try:
+            masks[name] = SparseStructure.from_csr(
+                state[f"{name}.row_ptr"], state[f"{name}.col_idx"], tuple(shape_of(name))
+            )
+        except (AttributeError, KeyError, ValueError, RuntimeError) as exc:
+            raise UserError(
+                f"adapter in {where} has a broken mask for {name} ({exc}); save or export it "
+                "again from its run"
+            ) from None
+    return masks
 
 
 def write_peft(folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -154,6 +156,12 @@ def write_peft(folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
+def is_delta(meta: dict[str, Any]) -> bool:
+    """Does the file hold an accumulated update ``delta_B @ delta_A`` (a resampled run's
+    final adapter) rather than the layers' own tensors?"""
+    return "delta_ranks" in meta
+
+
 def load_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     folder = Path(folder)
     meta_path, file_path = folder / ADAPTER_META, folder / ADAPTER_FILE
@@ -180,8 +188,8 @@ def apply_adapter_state(
     model that just got its masks; the values then stay zero).
     """
     modules = adapted_modules(model)
-    state = {k: v for k, v in state.items() if k.rsplit(".", 1)[1] not in STRUCTURE}
-    expected = {f"{n}.{a}" for n, m in modules.items() for a in trainable_names(m)}
+    state = {k: v for k, v in state.items() if k.rsplit(".", 1)[1] not in MASK_BUFFERS}
+    expected = {f"{n}.{a}" for n, m in modules.items() for a in m.adapter_params()}
     if allow_missing_sparse:
         expected = {k for k in expected if not k.endswith(".sparse_values")} | (
             set(state) & expected
@@ -196,7 +204,7 @@ def apply_adapter_state(
         )
     for key, value in state.items():
         module, attr = key.rsplit(".", 1)
-        param = getattr(modules[module], attr)
+        param = modules[module].adapter_params()[attr]
         if tuple(param.shape) != tuple(value.shape):
             raise UserError(
                 f"adapter tensor {key} has shape {tuple(value.shape)} but the model "

@@ -8,7 +8,13 @@ can take its place.
 With rank 0 there is no low-rank part (SpA); with no mask there is no sparse part (LoRA); with
 both it is RoSA. ``S`` has a fixed mask (``SparseStructure``, kept as buffers so it follows the
 module's device) and trainable ``sparse_values``, which start at zero so that attaching a mask
-does not change the function.
+does not change the function. With ``train_base`` the base weight itself is trained (full
+fine-tuning of the targeted layers), with no low-rank or sparse part.
+
+The layer states its contract: ``adapter_params()`` are the tensors training updates, by the
+names adapter files use, and ``ROLES`` gives each one's optimizer group; ``adapter_buffers()``
+are the mask indices an adapter file carries beside them. Files, optimizer groups, export and
+evaluation read these instead of parameter names.
 """
 
 from __future__ import annotations
@@ -21,14 +27,36 @@ from torch import nn
 
 from rosa_ds.kernels.csr import FIELDS, SparseStructure
 from rosa_ds.kernels.sparse_linear import sparse_add_linear, sparse_linear, use_sparse_add
+from rosa_ds.quant.frozen import FrozenWeight, frozen_weight
+
+# The optimizer group of each trainable tensor: the low-rank factors are reset together at a
+# resample (Adam's step count is per group), the sparse values and full weights keep their state.
+ROLES = {"lora_A": "lowrank", "lora_B": "lowrank", "sparse_values": "sparse", "weight": "full"}
+# The mask indices an adapter file stores beside the sparse values.
+MASK_BUFFERS = ("row_ptr", "col_idx")
 
 
 class AdaptedLinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    """A frozen (or, with ``train_base``, trainable) linear layer plus its update; see the
+    module docstring for the parts and the contract."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        train_base: bool = False,
+    ) -> None:
         super().__init__()
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
+        if train_base and rank:
+            raise ValueError("a fully trained layer has no low-rank part; use rank 0")
         self.base = base
+        self.train_base = train_base
+        if train_base:
+            base.weight.requires_grad_(True)
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.rank = rank
@@ -47,6 +75,35 @@ class AdaptedLinear(nn.Module):
         if self.rank:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+
+    # --- the contract ----------------------------------------------------------------------
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The tensors training updates, by their names in adapter files."""
+        params = {}
+        if self.rank:
+            params["lora_A"], params["lora_B"] = self.lora_A, self.lora_B
+        if self.sparse_values is not None:
+            params["sparse_values"] = self.sparse_values
+        if self.train_base:
+            params["weight"] = self.base.weight
+        return params
+
+    def adapter_buffers(self) -> dict[str, torch.Tensor]:
+        """The mask indices that make the sparse values meaningful (empty without a mask)."""
+        if self.sparse_values is None:
+            return {}
+        return {name: getattr(self, name) for name in MASK_BUFFERS}
+
+    @property
+    def frozen(self) -> FrozenWeight:
+        """The frozen weight, plain or 4-bit, through one interface."""
+        return frozen_weight(self.base)
+
+    @property
+    def reads_frozen_in_forward(self) -> bool:
+        """Does ``forward`` read the base weight itself (the sparse-add path), not only through
+        ``base``'s forward? ZeRO-3 must then gather it for this module too."""
+        return self.sparse_values is not None and self.frozen.dense_weight is not None
 
     # --- the sparse part -------------------------------------------------------------------
     def attach_mask(self, structure: SparseStructure) -> None:
@@ -69,7 +126,7 @@ class AdaptedLinear(nn.Module):
     # --- maths -----------------------------------------------------------------------------
     def _sparse_add(self, x: torch.Tensor) -> bool:
         """Merge S into the frozen weight for this call? Only for a plain linear base."""
-        if self.sparse_values is None or type(self.base) is not nn.Linear:
+        if not self.reads_frozen_in_forward:
             return False
         tokens = x.numel() // self.in_features
         return use_sparse_add(
@@ -92,15 +149,10 @@ class AdaptedLinear(nn.Module):
             out = out + sparse_linear(x, self.sparse_values, self.structure).to(out.dtype)
         return out
 
-    @property
-    def frozen_device(self) -> torch.device:
-        """Where the frozen weight lives (a plain or a 4-bit quantized base)."""
-        base = self.base
-        return base.device if hasattr(base, "qweight") else base.weight.device
-
     def delta_weight(self) -> torch.Tensor:
-        """The dense update the adapter adds to ``base.weight`` (fp32)."""
-        delta = torch.zeros(self._shape, device=self.frozen_device)
+        """The dense update the adapter adds to ``base.weight`` (fp32; zero when the base
+        weight itself is trained)."""
+        delta = torch.zeros(self._shape, device=self.frozen.device)
         if self.rank:
             delta = delta + self.scale * (self.lora_B.float() @ self.lora_A.float())
         if self.sparse_values is not None:
@@ -111,5 +163,5 @@ class AdaptedLinear(nn.Module):
         nnz = self.sparse_values.numel() if self.sparse_values is not None else 0
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
-            f"alpha={self.alpha}, sparse_nnz={nnz}"
+            f"alpha={self.alpha}, sparse_nnz={nnz}, train_base={self.train_base}"
         )

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -33,28 +32,22 @@ from torch import nn
 from rosa_ds.adapters.inject import adapted_modules
 from rosa_ds.adapters.topk import top_k_sharded
 from rosa_ds.config import AdapterConfig
+from rosa_ds.dist import all_reduce_sum, comm_device, rank_world
 from rosa_ds.errors import TrainingError, UserError
 from rosa_ds.kernels.csr import SparseStructure
+from rosa_ds.targets import first_match
 
 
 def module_density(name: str, cfg: AdapterConfig) -> float:
-    for pattern, density in cfg.robust.density_patterns.items():
-        if re.search(rf"(^|\.)(?:{pattern})$", name):
-            return density
-    return cfg.density
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    """The density of a module's sparse part: the first matching pattern, else adapter.density."""
+    return first_match(name, cfg.robust.density_patterns, cfg.density)
 
 
 class GradientCollector:
     """Per-shard accumulation of frozen-weight gradient statistics over micro-batches."""
 
     def __init__(self, model: nn.Module, cfg: AdapterConfig, grad_scale: float = 1.0) -> None:
-        self.rank, self.world = _world()
+        self.rank, self.world = rank_world()
         self.stat = cfg.robust.grad_stat
         self.grad_scale = grad_scale
         self.modules = {
@@ -64,7 +57,7 @@ class GradientCollector:
         self.shard = {n: math.ceil(o * i / self.world) for n, (o, i) in self.shapes.items()}
         # on the weights' device, so that NCCL can reduce-scatter straight into it
         self.acc = {
-            n: torch.zeros(self.shard[n], dtype=torch.float32, device=m.frozen_device)
+            n: torch.zeros(self.shard[n], dtype=torch.float32, device=m.frozen.device)
             for n, m in self.modules.items()
         }
         self.micro_batches = 0
@@ -164,8 +157,6 @@ class GradientCollector:
 
     def select(self, cfg: AdapterConfig) -> dict[str, SparseStructure]:
         """Every rank calls this and gets the same masks."""
-        from rosa_ds.dist import all_reduce_sum
-
         bad = sum(int(not bool(torch.isfinite(a).all())) for a in self.acc.values())
         if all_reduce_sum([float(bad)])[0]:
             raise TrainingError(
@@ -179,8 +170,6 @@ class GradientCollector:
         return masks
 
     def _topk(self, name: str, k: int) -> torch.Tensor:
-        from rosa_ds.dist import comm_device
-
         offset = self.rank * self.shard[name]
         return top_k_sharded(self._scores(name), k, offset, comm_device())
 

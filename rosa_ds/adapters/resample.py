@@ -25,16 +25,17 @@ errors add up: their sum bounds how far the frozen weights have drifted from exa
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from rosa_ds.adapters.inject import adapted_modules
 from rosa_ds.adapters.layer import AdaptedLinear
 from rosa_ds.adapters.svd import robust_svd
+from rosa_ds.dist import rank_world
+from rosa_ds.zero_params import broadcast, read_full, write_trainable
 
 SAMPLINGS = ("random_block", "random_subset", "top", "bottom")
 SPLITS = ("balanced", "one_sided")
@@ -122,135 +123,6 @@ def _generator(seed: int, count: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + count * 7919 + index)
 
 
-# ----------------------------------------------------------------------------------------------
-# DeepSpeed parameter surgery: read full values, write fp32 masters, model copies, frozen weights
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _is_zero3(p: nn.Parameter) -> bool:
-    return hasattr(p, "ds_id")
-
-
-def read_full(p: nn.Parameter, master: bool, keep: bool) -> torch.Tensor | None:
-    """Every rank calls this (a collective under ZeRO); ranks with ``keep`` get an fp32 copy."""
-    if master:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        value = safe_get_full_fp32_param(p)
-        if value is not None:
-            return value.detach().float().cpu().clone() if keep else None
-    if _is_zero3(p):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p]):
-            return p.detach().float().cpu().clone() if keep else None
-    return p.detach().float().cpu().clone() if keep else None
-
-
-def write_frozen(p: nn.Parameter, value: torch.Tensor | None, owner: int) -> None:
-    """Write a frozen weight whose new value only ``owner`` holds; every rank calls this."""
-    rank, world = _world()
-    if _is_zero3(p):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=owner):
-            if rank == owner:
-                p.data.copy_(value.to(p.dtype))
-        return
-    if rank == owner:
-        p.data.copy_(value.to(p.device, p.dtype))
-    if world > 1:
-        dist.broadcast(p.data, src=owner)
-
-
-def write_trainable(p: nn.Parameter, value: torch.Tensor, has_optimizer: bool) -> None:
-    """Write a trainable parameter (the same full ``value`` on every rank): fp32 master and model
-    copy, since DeepSpeed's setter alone leaves the next forward on the old value."""
-    rank, _ = _world()
-    if has_optimizer:
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        safe_set_full_fp32_param(p, value.to(torch.float32))
-    if _is_zero3(p):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            if rank == 0:
-                p.data.copy_(value.to(p.dtype))
-    else:
-        p.data.copy_(value.to(p.device, p.dtype))
-
-
-def broadcast(t: torch.Tensor | None, shape: tuple[int, ...], src: int) -> torch.Tensor:
-    """A small fp32 tensor from ``src`` to every rank (on the device the backend needs)."""
-    from rosa_ds.dist import comm_device
-
-    rank, world = _world()
-    if world == 1:
-        return t
-    device = comm_device()
-    buf = (
-        t.to(device, torch.float32).contiguous()
-        if rank == src
-        else torch.empty(shape, dtype=torch.float32, device=device)
-    )
-    dist.broadcast(buf, src=src)
-    return buf.cpu()
-
-
-def link_optimizer_states(engine: Any) -> None:
-    """Make DeepSpeed's per-parameter optimizer-state views (``safe_get_full_optimizer_state``)
-    work for every parameter group under ZeRO-1/2.
-
-    DeepSpeed 0.19 links them after group 0's first step only: for a parameter of another
-    group the rank holding it raises "exp_avg not found" while the others hang in a collective.
-    Re-linking after a step fixes it.
-    """
-    zo = engine.optimizer
-    if hasattr(zo, "_lazy_init_hp_params_optimizer_state") and len(zo.optimizer.param_groups) > 1:
-        zo._hp_optimizer_states_linked = False
-        zo._lazy_init_hp_params_optimizer_state()
-
-
-def reset_optimizer_group(engine: Any, group: int) -> None:
-    """Zero Adam's moments and step count for one parameter group (DeepSpeed ZeRO 0-3).
-
-    Adam's step is kept per group (the state is keyed by the group's flat fp32 partition), so
-    the factors that get reset live in a group of their own; zeroing the moments but keeping a
-    large step count would make the next updates several times too large.
-    """
-    zo = engine.optimizer
-    inner = getattr(zo, "optimizer", zo)
-    flats = []
-    if hasattr(zo, "single_partition_of_fp32_groups"):  # ZeRO-1/2
-        flats = [zo.single_partition_of_fp32_groups[group]]
-    elif hasattr(zo, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        flats = [
-            f
-            for sg, f in enumerate(zo.fp32_partitioned_groups_flat)
-            if zo.sub_group_to_group_id[sg] == group
-        ]
-    else:  # no ZeRO: the torch optimizer's own per-parameter state
-        flats = list(inner.param_groups[group]["params"])
-    for flat in flats:
-        state = inner.state.get(flat)
-        if not state:
-            continue
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                value.zero_()
-            elif key == "step":
-                state[key] = 0
-
-
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass
 class ResampleReport:
     count: int
@@ -291,10 +163,8 @@ def resample_all(
 
     ``single_owner`` gives every matrix to rank 0 (the one-rank baseline of the benchmark).
     """
-    import time
-
     t0 = time.perf_counter()
-    rank, world = _world()
+    rank, world = rank_world()
     modules: dict[str, AdaptedLinear] = {n: m for n, m in adapted_modules(model).items() if m.rank}
     names = sorted(modules)
     index_of = {n: i for i, n in enumerate(names)}
@@ -306,10 +176,7 @@ def resample_all(
         results: dict[str, Factorized] = {}
         for name in batch:  # gather: every rank takes part, only the owner keeps a copy
             m, own = modules[name], owners[name] == rank
-            if _quantized(m):  # 4-bit: gathered and dequantized to fp32
-                w = m.base.read_full(keep=own)
-            else:
-                w = read_full(m.base.weight, master=False, keep=own)
+            w = m.frozen.read_full(keep=own)  # 4-bit: gathered and dequantized to fp32
             a = read_full(m.lora_A, master=has_optimizer, keep=own)
             b = read_full(m.lora_B, master=has_optimizer, keep=own)
             if own:
@@ -322,25 +189,19 @@ def resample_all(
         for name in batch:  # scatter: W_fixed to its shards, factors to every rank
             m, owner = modules[name], owners[name]
             f = results.get(name)
-            if _quantized(m):  # re-quantized by the owner, which measures the error it adds
-                err = m.base.write_full(f.w_fixed if f else None, owner)
-                pair = torch.tensor([err.abs, err.norm]) if f else None
-                e = broadcast(pair, (2,), owner)
+            # 4-bit: re-quantized by the owner, which measures the error it adds
+            err = m.frozen.write_full(f.w_fixed if f else None, owner)
+            if m.frozen.lossy:  # the same kind on every rank
+                e = broadcast(torch.tensor([err.abs, err.norm]) if f else None, (2,), owner)
                 requant[name] = {"abs": float(e[0]), "norm": float(e[1])}
-            else:
-                write_frozen(m.base.weight, f.w_fixed if f else None, owner)
             r = m.rank
             a = broadcast(f.a if f else None, (r, m.in_features), owner)
             b = broadcast(f.b if f else None, (m.out_features, r), owner)
             idx = broadcast(f.indices.float() if f else None, (r,), owner)
-            write_trainable(m.lora_A, a, has_optimizer)
-            write_trainable(m.lora_B, b, has_optimizer)
+            write_trainable(m.lora_A, a, has_optimizer=has_optimizer)
+            write_trainable(m.lora_B, b, has_optimizer=has_optimizer)
             indices[name] = [int(i) for i in idx.tolist()]
     return ResampleReport(count, indices, owners, time.perf_counter() - t0, requant)
-
-
-def _quantized(m: AdaptedLinear) -> bool:
-    return hasattr(m.base, "qweight")
 
 
 def lowrank_delta(

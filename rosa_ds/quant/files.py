@@ -10,25 +10,20 @@ trained against, so the merged bf16 model computes what the 4-bit model computed
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from rosa_ds.quant.linear import QuantizedLinear
+from rosa_ds.quant.linear import quantized_layers
 from rosa_ds.quant.nf4 import QuantSpec, dequantize, quantize
+from rosa_ds.weight_files import tensor_files
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
 NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
-
-
-def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
-    """Every quantized layer by the name of the layer it replaced (``.base`` dropped)."""
-    return {
-        n.removesuffix(".base"): m
-        for n, m in model.named_modules()
-        if isinstance(m, QuantizedLinear)
-    }
 
 
 def quant_meta(model: nn.Module) -> dict[str, Any]:
@@ -59,13 +54,7 @@ def roundtrip(w: torch.Tensor, info: dict[str, Any]) -> torch.Tensor:
 def rebuild_trained_base(model: nn.Module, info: dict[str, Any], model_path: str) -> None:
     """Replace each quantized layer's weight of a plain (bf16/fp32) model by ``deq(q(W_0))``,
     ``W_0`` read from the base checkpoint in the dtype training quantized."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from rosa_ds.quant.load import _safetensors_files
-
-    files = _safetensors_files(Path(model_path)) or {}
+    files = tensor_files(model_path) or {}
     for name in info["modules"]:
         weight = model.get_submodule(name).weight
         key = f"{name}.weight"
@@ -78,12 +67,8 @@ def rebuild_trained_base(model: nn.Module, info: dict[str, Any], model_path: str
             weight.copy_(roundtrip(w0, info).to(weight.dtype))
 
 
-def frozen_file_shapes(path) -> dict[str, tuple[int, int]]:
+def frozen_file_shapes(path: str | Path) -> dict[str, tuple[int, int]]:
     """The matrix shapes of the 4-bit records in a checkpoint's frozen-weight file."""
-    import json
-
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         specs = json.loads((f.metadata() or {}).get("quant_specs", "{}"))
     return {name: tuple(spec["shape"]) for name, spec in specs.items()}

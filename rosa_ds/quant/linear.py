@@ -15,17 +15,16 @@ back all the memory that sharding saves).
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rosa_ds.errors import UserError
+from rosa_ds.quant.frozen import FrozenWeight
 from rosa_ds.quant.nf4 import QuantError, QuantSpec, dequantize, quantize, quantize_with_error
-
-
-def _is_zero3(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
+from rosa_ds.zero_params import gathered, is_partitioned, local_numel, read_full, write_from_owner
 
 # How often a layer had to gather its own records because DeepSpeed's hooks had not (tests
 # check that training never needs it: forward and backward are gathered by DeepSpeed).
@@ -36,11 +35,9 @@ OWN_GATHERS = [0]
 def _available(param: nn.Parameter):
     """The full records inside the block: DeepSpeed's hooks have normally gathered them already
     (forward, and again before backward); if not, gather them here (a collective)."""
-    if _is_zero3(param) and param.numel() != param.ds_numel:
-        import deepspeed
-
+    if is_partitioned(param) and param.numel() != param.ds_numel:
         OWN_GATHERS[0] += 1
-        with deepspeed.zero.GatheredParameters([param]):
+        with gathered([param]):
             yield param
     else:
         yield param
@@ -64,8 +61,10 @@ class _QuantLinearFn(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, FrozenWeight):
     """``y = x deq(Q)^T + b`` with ``Q`` frozen 4-bit records; ``compute_dtype``: bf16 or fp32."""
+
+    lossy = True  # writing a weight re-quantizes it
 
     def __init__(
         self,
@@ -116,77 +115,58 @@ class QuantizedLinear(nn.Module):
     def local_bytes(self) -> int:
         """Bytes of records this rank holds (its ZeRO-3 partition, or everything)."""
         q = self.qweight
-        if _is_zero3(q):
-            return q.ds_tensor.numel() * q.ds_tensor.element_size()
-        return q.numel() * q.element_size()
+        return local_numel(q)[0] * q.element_size()
 
-    # --- rewriting (ROSA resampling) -------------------------------------------------------
+    # --- the frozen-weight interface (ROSA resampling, checkpoints) ------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.spec.shape
+
     def read_full(self, keep: bool) -> torch.Tensor | None:
-        """Every rank calls this (a collective under ZeRO-3); ranks with ``keep`` get the
-        dequantized weight in fp32."""
-        if _is_zero3(self.qweight):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([self.qweight]):
-                return (
-                    dequantize(self.qweight.data, self.spec, torch.float32).cpu() if keep else None
-                )
-        return dequantize(self.qweight.data, self.spec, torch.float32).cpu() if keep else None
+        """Every rank calls this; ranks with ``keep`` get the dequantized weight in fp32."""
+        with gathered([self.qweight]):
+            if not keep:
+                return None
+            return dequantize(self.qweight.data, self.spec, torch.float32).cpu()
 
     def write_full(self, value: torch.Tensor | None, owner: int) -> QuantError | None:
         """Re-quantize a new weight that only ``owner`` holds and write it to every rank's copy
         or partition; every rank calls this. The owner gets the re-quantization error back."""
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        q, err = None, None
-        if rank == owner:
+        q, err = (None, None)
+        if value is not None:
             q, err = quantize_with_error(value.float().cpu(), self.spec)
-        p = self.qweight
-        if _is_zero3(p):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=owner):
-                if rank == owner:
-                    p.data.copy_(q.to(p.device))
-            return err
-        if rank == owner:
-            p.data.copy_(q.to(p.device))
-        if world > 1:
-            dist.broadcast(p.data, src=owner)
+        write_from_owner(self.qweight, q, owner)
         return err
 
-    def write_records(self, q: torch.Tensor | None, owner: int) -> None:
-        """Write records (e.g. read from a checkpoint) that ``owner`` holds; every rank calls it."""
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        p = self.qweight
-        if rank == owner and q.numel() != self.spec.nbytes:
-            raise ValueError(f"expected {self.spec.nbytes} bytes, got {q.numel()}")
-        if _is_zero3(p):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=owner):
-                if rank == owner:
-                    p.data.copy_(q.reshape(-1).to(p.device))
-            return
-        if rank == owner:
-            p.data.copy_(q.reshape(-1).to(p.device))
-        if world > 1:
-            dist.broadcast(p.data, src=owner)
-
-    def read_records(self, keep: bool) -> torch.Tensor | None:
+    def read_stored(self, keep: bool) -> torch.Tensor | None:
         """The full records (a collective under ZeRO-3), on ranks with ``keep``."""
-        p = self.qweight
-        if _is_zero3(p):
-            import deepspeed
+        return read_full(self.qweight, master=False, keep=keep, dtype=None)
 
-            with deepspeed.zero.GatheredParameters([p]):
-                return p.data.detach().cpu().clone() if keep else None
-        return p.data.detach().cpu().clone() if keep else None
+    def write_stored(self, value: torch.Tensor | None, owner: int) -> None:
+        if value is not None and value.numel() != self.spec.nbytes:
+            raise ValueError(f"expected {self.spec.nbytes} bytes, got {value.numel()}")
+        write_from_owner(self.qweight, value, owner)
+
+    def stored_spec(self) -> dict[str, Any]:
+        return self.spec.to_dict()
+
+    def adopt(self, tensor: torch.Tensor, spec: dict[str, Any] | None, where: str) -> torch.Tensor:
+        if spec is None:  # a plain weight (a run resumed with quant.bits=4): quantize it
+            if tuple(tensor.shape) != self.shape:
+                raise UserError(
+                    f"{where} has shape {tuple(tensor.shape)}, the model {self.shape}; the "
+                    "checkpoint does not match this model"
+                )
+            return quantize(tensor.to(self.source_dtype), self.spec)
+        if QuantSpec.from_dict(spec) != self.spec:
+            raise UserError(
+                f"{where}: the 4-bit records were written with {spec}, this run quantizes with "
+                f"{self.spec.to_dict()}; resume with the same quant.* settings"
+            )
+        return tensor
+
+    def as_trained(self, w0: torch.Tensor) -> torch.Tensor:
+        return dequantize(quantize(w0.to(self.source_dtype), self.spec), self.spec, torch.float32)
 
     # --- maths -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,3 +179,12 @@ class QuantizedLinear(nn.Module):
             f"block={s.block_size}, double_quant={s.double_quant}, compute={self.compute_dtype}, "
             f"bias={self.bias is not None}"
         )
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """Every quantized layer by the name of the layer it replaced (``.base`` dropped)."""
+    return {
+        n.removesuffix(".base"): m
+        for n, m in model.named_modules()
+        if isinstance(m, QuantizedLinear)
+    }

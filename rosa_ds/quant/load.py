@@ -21,29 +21,31 @@ How, by ZeRO stage:
 from __future__ import annotations
 
 import contextlib
-import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from rosa_ds.config import AdapterConfig, ModelConfig, QuantConfig
-from rosa_ds.quant.linear import QuantizedLinear
+from rosa_ds.dist import rank_world
+from rosa_ds.quant.linear import QuantizedLinear, quantized_layers
+from rosa_ds.targets import find_targets
+from rosa_ds.weight_files import tensor_files
+from rosa_ds.zero_params import gathered, is_partitioned
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def compute_dtype(quant: QuantConfig, train_dtype: torch.dtype) -> torch.dtype:
+    """The dtype 4-bit weights are dequantized to: ``quant.compute_dtype``, or the training one."""
     return train_dtype if quant.compute_dtype == "auto" else DTYPES[quant.compute_dtype]
 
 
 def quant_targets(model: nn.Module, adapter: AdapterConfig, quant: QuantConfig) -> list[str]:
     """Names of the linear layers to quantize (sorted, the same on every rank)."""
-    from rosa_ds.adapters.inject import find_targets
-
-    names = set(find_targets(model, adapter))
+    names = set(find_targets(model, adapter.targets, adapter.exclude, (nn.Linear,)))
     if quant.all_linear:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         for name, module in model.named_modules():
@@ -82,10 +84,8 @@ def quantize_model(
     for name in names:
         lin = model.get_submodule(name)
         params = [p for p in (lin.weight, lin.bias) if p is not None]
-        if hasattr(lin.weight, "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(params):
+        if is_partitioned(lin.weight):
+            with gathered(params):
                 q = _make(lin.weight.data, lin.bias, quant, cdtype)
             new = [p for p in q.parameters(recurse=False)]
             lin.weight.convert_to_zero_parameters(param_list=new)  # partition at once
@@ -95,33 +95,23 @@ def quantize_model(
         _swap(model, name, q)
 
 
-def _safetensors_files(path: Path) -> dict[str, Path] | None:
-    """Tensor name -> file for a local safetensors checkpoint, or None."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: path / v for k, v in weight_map.items()}
-    single = path / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
-    return None
-
-
-def _load_streaming(
-    path: Path,
-    files: dict[str, Path],
+def load_streaming(
+    path: str | Path,
     model_cfg: ModelConfig,
     dtype: torch.dtype,
     quant: QuantConfig,
     adapter: AdapterConfig,
-    cdtype: torch.dtype,
 ) -> nn.Module | None:
+    """The model built from its skeleton one tensor at a time, the targets quantized as they
+    are read; None if ``path`` is not a local safetensors checkpoint with matching names."""
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    path = Path(path)
+    files = tensor_files(path)
+    if files is None:
+        return None
+    cdtype = compute_dtype(quant, dtype)
 
     config = AutoConfig.from_pretrained(
         str(path), revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
@@ -179,48 +169,11 @@ def _load_streaming(
     return model
 
 
-def load_quantized_model(
-    path: str,
-    model_cfg: ModelConfig,
-    dtype: torch.dtype,
-    quant: QuantConfig,
-    adapter: AdapterConfig,
-    *,
-    partitioned: bool,
-) -> nn.Module:
-    """The model with its chosen linear layers quantized (see the module docstring)."""
-    from rosa_ds.model import finish_model, load_model
-
-    cdtype = compute_dtype(quant, dtype)
-    if not partitioned:
-        files = _safetensors_files(Path(path))
-        if files is not None:
-            model = _load_streaming(Path(path), files, model_cfg, dtype, quant, adapter, cdtype)
-            if model is not None:
-                return finish_model(model, model_cfg)
-        warnings.warn(
-            f"{path}: not a local safetensors checkpoint with matching names; the model is "
-            "loaded whole, then quantized",
-            stacklevel=2,
-        )
-    model = load_model(path, model_cfg, dtype)
-    quantize_model(model, quant_targets(model, adapter, quant), quant, cdtype)
-    return model
-
-
-def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
-            out[name.removesuffix(".base")] = module
-    return out
-
-
 def frozen_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of quantized records: this rank's share and the whole (they differ under ZeRO-3),
     the packed/scale split of this rank's share, and the parameters they stand for."""
     local = total = params = packed = scales = 0
-    for m in quantized_modules(model).values():
+    for m in quantized_layers(model).values():
         q = m.qweight
         total += m.spec.nbytes
         params += m.spec.numel
@@ -245,6 +198,4 @@ def frozen_bytes(model: nn.Module) -> dict[str, int]:
 
 def _partition_start(p: torch.Tensor) -> int:
     """Where this rank's ZeRO-3 partition of ``p`` starts in the flat tensor."""
-    import torch.distributed as dist
-
-    return dist.get_rank() * p.ds_tensor.ds_numel
+    return rank_world()[0] * p.ds_tensor.ds_numel

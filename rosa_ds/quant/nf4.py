@@ -25,6 +25,8 @@ from functools import cache
 
 import torch
 
+from rosa_ds.errors import UserError
+
 NESTED_BLOCK = 256  # bitsandbytes quantizes the absmax in blocks of 256
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
@@ -34,8 +36,6 @@ def _bnb():
     try:
         import bitsandbytes.functional as bnb_f
     except ImportError as exc:  # pragma: no cover - the environment installs it
-        from rosa_ds.errors import UserError
-
         raise UserError(
             f"quant.bits=4 needs bitsandbytes ({exc}); install it: pip install bitsandbytes"
         ) from None

@@ -17,17 +17,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from rosa_ds.adapters.subspace_io import base_weight  # noqa: E402
 from rosa_ds.config import load_config  # noqa: E402
 from rosa_ds.data.batching import collate  # noqa: E402
 from rosa_ds.engine import build_engine, torch_dtype  # noqa: E402
+from rosa_ds.methods import Progress, Run  # noqa: E402
+from rosa_ds.methods.subspace import Subspace  # noqa: E402
 from rosa_ds.preflight import prepare  # noqa: E402
 from rosa_ds.quant import linear as qlinear  # noqa: E402
 from rosa_ds.quant.files import quantized_layers  # noqa: E402
 from rosa_ds.quant.load import frozen_bytes  # noqa: E402
 from rosa_ds.quant.nf4 import quantize  # noqa: E402
-from rosa_ds.tracking import MetricsLog  # noqa: E402
-from rosa_ds.train import Progress, Trainer, make_sampler, quiet_libraries  # noqa: E402
+from rosa_ds.tracking import (
+    MetricsLog,  # noqa: E402
+    quiet_libraries,  # noqa: E402
+)
+from rosa_ds.train import make_sampler  # noqa: E402
+from rosa_ds.weight_files import read_tensor  # noqa: E402
 
 
 def main() -> None:
@@ -55,13 +60,13 @@ def main() -> None:
     dtype = torch_dtype(cfg.train.precision)
     slices_ok, records_ok = True, True
     for name, m in sorted(layers.items()):
-        full = m.read_records(keep=True)
+        full = m.read_stored(keep=True)
         if hasattr(m.qweight, "ds_tensor"):
             part = m.qweight.ds_tensor
             start = p.rank * part.ds_numel
             mine = full[start : start + part.numel()]
             slices_ok &= torch.equal(part.cpu()[: mine.numel()], mine)
-        w0 = base_weight(prep.model_path, f"{name}.weight").to(dtype)
+        w0 = read_tensor(prep.model_path, f"{name}.weight").to(dtype)
         records_ok &= torch.equal(full, quantize(w0, m.spec))
     result["slices_match"], result["records_match_single_process"] = slices_ok, records_ok
 
@@ -91,10 +96,9 @@ def main() -> None:
             return value
 
         before = logits()
-        trainer = Trainer(cfg, prep)
-        trainer.log = MetricsLog(Path(out).parent, enabled=False)
         progress = Progress("train", 1)
-        trainer.resample(built, progress)
+        log = MetricsLog(Path(out).parent, enabled=False)
+        Subspace(cfg, Path(out).parent).resample(Run(built, progress, log, steps_per_epoch=1))
         after = logits()
         state = progress.history["resample"]
         result["requant"] = state.get("requant")

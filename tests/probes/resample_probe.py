@@ -16,13 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from deepspeed.utils import safe_get_full_optimizer_state  # noqa: E402
 
 from rosa_ds.adapters.inject import adapted_modules  # noqa: E402
-from rosa_ds.adapters.resample import link_optimizer_states, read_full  # noqa: E402
 from rosa_ds.config import load_config  # noqa: E402
 from rosa_ds.data.batching import collate  # noqa: E402
-from rosa_ds.engine import build_engine  # noqa: E402
+from rosa_ds.engine import EngineOptions, build_engine  # noqa: E402
+from rosa_ds.methods import Progress, Run  # noqa: E402
+from rosa_ds.methods.subspace import Subspace  # noqa: E402
 from rosa_ds.preflight import prepare  # noqa: E402
 from rosa_ds.tracking import MetricsLog, quiet_libraries  # noqa: E402
-from rosa_ds.train import Progress, Trainer, make_sampler, optimizer_step  # noqa: E402
+from rosa_ds.train import make_sampler, optimizer_step  # noqa: E402
+from rosa_ds.zero_params import link_optimizer_states, read_full  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +49,12 @@ def main() -> None:
             flat = torch.randperm(numel, generator=g)[: round(cfg.adapter.density * numel)]
             masks[name] = SparseStructure.from_flat_indices(flat, (m.out_features, m.in_features))
     built = build_engine(
-        cfg, prep.model_path, prep.tokenizer, prep.hidden_size, training=True, masks=masks
+        cfg,
+        prep.model_path,
+        prep.tokenizer,
+        prep.hidden_size,
+        training=True,
+        options=EngineOptions(masks=masks),
     )
     engine, p = built.engine, built.placement
     sampler = make_sampler(cfg, prep, built)
@@ -80,10 +87,9 @@ def main() -> None:
         float(safe_get_full_optimizer_state(m.lora_A, "exp_avg").abs().sum()) for _, m in modules
     )
     # the trainer's own resample: factors, frozen weights, Adam state, re-warm-up
-    trainer = Trainer(cfg, prep)
-    trainer.log = MetricsLog(Path(out).parent, enabled=False)
     progress = Progress("train", 3)
-    trainer.resample(built, progress)
+    log = MetricsLog(Path(out).parent, enabled=False)
+    Subspace(cfg, Path(out).parent).resample(Run(built, progress, log, steps_per_epoch=1))
     report = progress.history["resample"]
     after = logits()
     moments = {}

@@ -1,0 +1,121 @@
+"""The method contract: what every method (a row of a table) must do, as shared tests.
+
+A test module gives its rows through a ``row`` fixture (parametrized over ``Row`` values) and
+imports the tests below; pytest then runs every test for every row of that module. Adding a
+method means adding a row (``tests/test_methods.py``, and ``tests/test_methods_4bit.py`` where
+4-bit frozen weights apply).
+
+Every row trains 6 steps with checkpoints at 3 and 6 (one process, ZeRO-2), and:
+- trains: the run is the method it names (adapter file, summary) and lowers the held-out loss;
+- resumes exactly: continued from the step-3 checkpoint, it ends with the same losses;
+- exports and reloads: the merged Hugging Face model scores the run's final held-out loss;
+- evaluates: ``rosa-ds eval`` on the run's adapter scores the run's final held-out loss;
+- 2 ranks equal 1 process: the same run at 2 ranks has the same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import launch, train_ok
+
+COMMON = (
+    "train.max_steps=6",
+    "train.save_every=3",
+    "train.keep_checkpoints=4",
+    "eval.num_generate=0",
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method's configuration: ``method`` is the name its run must report; ``ranks_rtol``
+    how far the 2-rank losses may be from one process's (summation order differs)."""
+
+    id: str
+    method: str
+    config: str
+    overrides: tuple[str, ...] = ()
+    ranks_rtol: float = 1e-4
+
+    def args(self, out: Path, *extra: str) -> list[str]:
+        return ["--config", self.config, *COMMON, *self.overrides, f"output_dir={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Callable[[Row], tuple[Path, dict]]:
+    """Each row's one-process run, trained once per module."""
+    cache: dict[str, tuple[Path, dict]] = {}
+
+    def get(row: Row) -> tuple[Path, dict]:
+        if row.id not in cache:
+            out = tmp_path_factory.mktemp(row.id) / "run"
+            cache[row.id] = out, train_ok(row.args(out))
+        return cache[row.id]
+
+    return get
+
+
+def _eval_loss(args: list[str]) -> float:
+    proc = launch(["eval", *args, "eval.num_generate=0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout[proc.stdout.index("{") :])["eval_loss"]
+
+
+def test_trains(row, trained):
+    out, summary = trained(row)
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert summary["method"] == meta["method"] == row.method
+    assert all(math.isfinite(x) for x in summary["losses"]) and len(summary["losses"]) == 6
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"] - 1e-3
+    if row.method in ("sparse", "robust", "hybrid"):
+        assert summary["mask_nnz"] > 0 and meta["sparse_nnz"] == summary["mask_nnz"]
+    if row.method in ("subspace", "hybrid"):
+        assert summary["resamples"] >= 2 and "delta_ranks" in meta
+
+
+def test_resumes_exactly(row, trained, tmp_path):
+    out, summary = trained(row)
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    resumed = train_ok(
+        row.args(copy, "--resume", str(copy / "checkpoints" / "step-000003")), timeout=600
+    )
+    assert resumed["resumed_from"] == 3
+    assert resumed["losses"] == pytest.approx(summary["losses"], rel=1e-5, abs=1e-6)
+    after, want = resumed["after"]["eval_loss"], summary["after"]["eval_loss"]
+    assert after == pytest.approx(want, rel=1e-5)
+
+
+def test_exports_and_reloads(row, trained, tmp_path):
+    out, summary = trained(row)
+    export = tmp_path / "export"
+    proc = launch(["export", "--run", str(out), "--out", str(export)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = str(export / "merged")
+    loss = _eval_loss(
+        ["--config", row.config, f"output_dir={tmp_path / 'e'}", f"model.name_or_path={merged}"]
+    )
+    assert loss == pytest.approx(summary["after"]["eval_loss"], abs=1e-4)
+
+
+def test_evaluates(row, trained):
+    out, summary = trained(row)
+    loss = _eval_loss(["--config", row.config, *row.overrides, f"output_dir={out}"])
+    assert loss == pytest.approx(summary["after"]["eval_loss"], abs=1e-4)
+
+
+def test_two_ranks_equal_one_process(row, trained, tmp_path):
+    _, summary = trained(row)
+    two = train_ok(row.args(tmp_path / "run"), nproc=2, launcher="torchrun")
+    assert two["world_size"] == 2
+    assert two["losses"] == pytest.approx(summary["losses"], rel=row.ranks_rtol, abs=1e-5)
+    after, want = two["after"]["eval_loss"], summary["after"]["eval_loss"]
+    assert after == pytest.approx(want, rel=row.ranks_rtol)

@@ -1,0 +1,37 @@
+"""The method contract table: every method, plain frozen weights (see tests/method_contract.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.method_contract import (  # noqa: F401  (the shared tests, run for these rows)
+    Row,
+    test_evaluates,
+    test_exports_and_reloads,
+    test_resumes_exactly,
+    test_trains,
+    test_two_ranks_equal_one_process,
+    trained,
+)
+
+WARM = "adapter.robust.mask_warmup_steps=2"
+ROWS = [
+    Row("lora", "lora", "tiny-lora"),
+    Row("sparse", "sparse", "tiny-robust", ("adapter.rank=0", WARM)),
+    Row("robust", "robust", "tiny-robust", (WARM,)),
+    Row("subspace", "subspace", "tiny-subspace", ("adapter.resample_every=2",)),
+    Row(
+        "hybrid",
+        "hybrid",
+        "tiny-subspace",
+        ("adapter.resample_every=2", "adapter.density=0.05", WARM),
+    ),
+    Row("full", "full", "tiny-full"),
+]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=ROWS, ids=[r.id for r in ROWS])
+def row(request) -> Row:
+    return request.param
