@@ -185,25 +185,25 @@ def evaluate(cfg: RunConfig, adapter_dir: str | None) -> dict[str, Any]:
     a DeepSpeed engine as it was trained."""
     cfg, choice = precision.resolve(cfg)
     prep = prepare(cfg, resume=None, training=False)
+    quiet_libraries()
     state = masks = None
     if adapter_dir is None and (Path(cfg.output_dir) / "adapter").is_dir():
         adapter_dir = str(Path(cfg.output_dir) / "adapter")
-    merged = False
+    merged = None  # an accumulated update, merged into the base weights in memory
     if adapter_dir is not None:
         state, meta = load_adapter(adapter_dir)
-        merged = is_delta(meta)
-        if not merged:
+        if is_delta(meta):  # before any collective: a foreign adapter is one line
+            dtype = torch_dtype(cfg.train.precision)
+            merged, _, _ = load_adapted_model(adapter_dir, prep.model_path, dtype)
+        else:
             cfg, masks = adapter_as_trained(cfg, prep.hf_config, state, meta, adapter_dir)
     placement = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.comm_timeout_minutes)
     if placement.rank == 0:
         precision.announce(choice, cfg)
-    quiet_libraries()
     with torch.no_grad():
-        if merged:
-            dtype = torch_dtype(cfg.train.precision)
-            model, _, _ = load_adapted_model(adapter_dir, prep.model_path, dtype)
+        if merged is not None:
             rank, world = placement.rank, placement.world_size
-            results, samples = evaluate_model(cfg, prep, model, rank, world, False, True)
+            results, samples = evaluate_model(cfg, prep, merged, rank, world, False, True)
         else:
             built = build_engine(
                 cfg,
