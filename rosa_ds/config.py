@@ -34,6 +34,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
+    """The base model: where it is and how it is loaded."""
+
     name_or_path: str = _f(
         "builtin:tiny-llama",
         "A local folder, a hub id (online only), or builtin:tiny-llama / builtin:smollm2-135m-instruct.",
@@ -130,6 +132,8 @@ METHOD_NEEDS = {
 
 @dataclass
 class AdapterConfig:
+    """Which layers are adapted, by which method, with which low-rank and sparse parts."""
+
     method: Literal["auto", "lora", "sparse", "robust", "subspace", "hybrid", "full"] = _f(
         "auto",
         "lora, sparse (SpA), robust (RoSA: low-rank plus sparse), subspace (ROSA: resampled "
@@ -220,6 +224,8 @@ class QuantConfig:
 
 @dataclass
 class DataConfig:
+    """The dataset, its schema and metric, and how examples become sequences."""
+
     dataset: str = _f(
         "arithmetic",
         "A bundled generator (arithmetic, multistep, sql), a local .json/.jsonl/.parquet file "
@@ -252,6 +258,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """Optimizer steps, batches, the schedule, precision, checkpoints and logging."""
+
     max_steps: int = _f(100, "Optimizer steps to run (> 0).")
     micro_batch_size: int = _f(2, "Sequences per rank per forward pass.")
     global_batch_size: int = _f(
@@ -286,6 +294,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Held-out loss and the generated task metric."""
+
     before_training: bool = _f(True, "Measure the task metric before training too.")
     num_generate: int = _f(32, "Held-out examples scored by generation (0: skip the task metric).")
     max_new_tokens: int = _f(48, "Generation length for the task metric.")
@@ -297,6 +307,8 @@ class EvalConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    """The DeepSpeed JSON, the communication backend and the failure timeouts."""
+
     config: str = _f(
         "zero2",
         "A JSON in ds_configs/ by name (zero2, zero3, zero3_offload) or a path.",
@@ -316,6 +328,8 @@ class DeepSpeedConfig:
 
 @dataclass
 class RunConfig:
+    """A whole run: one YAML file plus overrides, validated before anything starts."""
+
     name: str = _f("run", "Name of the run (used in logs).")
     output_dir: str = _f("runs/run", "Where checkpoints, metrics and the adapter go.")
     seed: int = _f(42, "Seed of model, adapter, data order and dropout.")

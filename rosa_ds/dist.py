@@ -42,6 +42,8 @@ MPI_HINTS = ("PMI_FD", "PMI_PORT", "PMI_ID", "PMIX_NAMESPACE", "PMIX_RANK", "MPI
 
 @dataclass(frozen=True)
 class Placement:
+    """This process's rank, world size and local rank, and the launcher that placed it."""
+
     rank: int
     world_size: int
     local_rank: int

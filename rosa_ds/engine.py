@@ -53,6 +53,8 @@ class EngineOptions:
 
 @dataclass
 class Built:
+    """A built engine and what the loop needs beside it (tokenizer, placement, groups)."""
+
     engine: Any  # deepspeed.DeepSpeedEngine
     tokenizer: Any
     placement: Placement

@@ -18,6 +18,9 @@ from rosa_ds.errors import TrainingError
 
 
 class NonFiniteGuard:
+    """Counts optimizer steps skipped for a non-finite loss or gradient; too many in a row
+    stop the run."""
+
     def __init__(self, max_bad_steps: int) -> None:
         self.max_bad_steps = max_bad_steps
         self.in_a_row = 0

@@ -42,6 +42,8 @@ from rosa_ds.weight_files import has_safetensors
 
 @dataclass
 class Prepared:
+    """What pre-flight found and built: model path and config, tokenizer, tokenized data."""
+
     model_path: str
     hf_config: Any
     tokenizer: Any

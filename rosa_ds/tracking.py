@@ -12,6 +12,8 @@ from typing import Any
 
 
 class MetricsLog:
+    """Per-step metrics to ``metrics.jsonl`` (always) and TensorBoard (when installed)."""
+
     def __init__(self, output_dir: str | Path, enabled: bool) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"

@@ -37,6 +37,8 @@ def _done(rank: int) -> str:
 
 
 class Watchdog:
+    """Heartbeats between ranks: a rank that stops beating is named and every rank exits."""
+
     def __init__(self, rank: int, world_size: int, timeout: float, resume_hint: str = "") -> None:
         self.rank = rank
         self.world_size = world_size

@@ -208,3 +208,15 @@ def test_no_rank_lookup_outside_dist_and_collectives():
         if "get_rank()" in p.read_text() and p.name not in allowed
     ]
     assert not holders, f"use rosa_ds.dist.rank_world() in {holders}"
+
+
+def test_every_public_class_says_why_it_exists():
+    missing = [
+        f"{name}.{node.name}"
+        for name, tree in MODULES.items()
+        for node in tree.body
+        if isinstance(node, ast.ClassDef)
+        and not node.name.startswith("_")
+        and not ast.get_docstring(node)
+    ]
+    assert not missing, f"classes without a docstring: {missing}"

@@ -185,6 +185,7 @@ def test_hybrid_run_trains_resamples_and_exports(tmp_path):
     )
     assert summary["losses"][-1] < summary["losses"][0] - 0.1
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
-    assert meta["method"] == "subspace" and meta["sparse_modules"] and meta["resamples"] == 3
+    assert meta["method"] == "hybrid" and meta["sparse_modules"] and meta["resamples"] == 3
+    assert "delta_ranks" in meta
     loss = _merged_eval_loss(out, "tiny-robust", tmp_path / "cfg")
     assert loss == pytest.approx(summary["after"]["eval_loss"], abs=1e-4)

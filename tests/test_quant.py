@@ -345,22 +345,34 @@ def _export_matches_the_4bit_model(out, tmp_path):
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     assert meta["quant"]["type"] == "nf4" and len(meta["quant"]["modules"]) == 14
     assert meta["quant"]["source_dtype"] == "fp32"
+    assert meta["exact_frozen"]
     cfg = load_config("tiny-subspace")
     adapter = load_file(str(out / "adapter" / "adapter.safetensors"))
+    records = load_file(str(out / "adapter" / "frozen.safetensors"))
     ids = torch.randint(4, 90, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = merged(input_ids=ids).logits
-    # the same function built independently: deq(q(W_0)) + delta_B delta_A in dense layers
-    plain = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=torch.float32)
+    # the same function built independently, in dense layers: the final records dequantized
+    # plus s B A, what the 4-bit model computed; and deq(q(W_0)) + delta_B delta_A, the
+    # factorized update, which lacks the full-rank re-quantization error
+    exact, factorized = (
+        AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=torch.float32)
+        for _ in range(2)
+    )
+    scale = meta["alpha"] / meta["rank"]
     for name in meta["quant"]["modules"]:
-        lin = plain.get_submodule(name)
+        lin, lin_f = exact.get_submodule(name), factorized.get_submodule(name)
         spec = QuantSpec(tuple(lin.weight.shape), "nf4", 64, True)
         with torch.no_grad():
-            w0 = dequantize(quantize(lin.weight.detach(), spec), spec)
-            lin.weight.copy_(w0 + adapter[f"{name}.delta_B"] @ adapter[f"{name}.delta_A"])
+            lora = scale * adapter[f"{name}.lora_B"] @ adapter[f"{name}.lora_A"]
+            lin.weight.copy_(dequantize(records[f"{name}.qweight"], spec) + lora)
+            w0 = dequantize(quantize(lin_f.weight.detach(), spec), spec)
+            lin_f.weight.copy_(w0 + adapter[f"{name}.delta_B"] @ adapter[f"{name}.delta_A"])
     with torch.no_grad():
-        want = plain(input_ids=ids).logits
+        want = exact(input_ids=ids).logits
+        approx = factorized(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (approx - want).abs().max() > 1e-3  # why the records are carried
     # and the unquantized base would be a different model
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=torch.float32)
     with torch.no_grad():

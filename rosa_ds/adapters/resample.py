@@ -57,6 +57,8 @@ def choose_indices(n: int, r: int, sampling: str, generator: torch.Generator) ->
 
 @dataclass
 class Factorized:
+    """One matrix after a resample: the new frozen weight, the new factors, the chosen indices."""
+
     w_fixed: torch.Tensor
     a: torch.Tensor
     b: torch.Tensor
@@ -125,6 +127,8 @@ def _generator(seed: int, count: int, index: int) -> torch.Generator:
 
 @dataclass
 class ResampleReport:
+    """What one resample of every matrix did: indices, owner ranks, time, 4-bit error."""
+
     count: int
     indices: dict[str, list[int]]
     owners: dict[str, int]

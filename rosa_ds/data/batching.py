@@ -18,6 +18,9 @@ from rosa_ds.data.tokenize import IGNORE
 
 
 class GlobalBatchSampler:
+    """Global batch ``step`` as this rank's micro-batches: the same batches at any world size,
+    and a resumed run continues with the batch it stopped at."""
+
     def __init__(
         self,
         num_examples: int,

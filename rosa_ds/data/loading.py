@@ -30,6 +30,8 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 @dataclass
 class TaskData:
+    """Train and held-out records in one schema, with the metric that scores them."""
+
     train: list[dict[str, str]]
     eval: list[dict[str, str]]
     format: str

@@ -24,6 +24,8 @@ FIELDS = ("row_ptr", "col_idx", "row_order", "t_row_ptr", "t_col_idx", "t_perm",
 
 @dataclass
 class SparseStructure:
+    """A fixed sparse mask in CSR (with the row order and the transposed view the kernels use)."""
+
     shape: tuple[int, int]
     row_ptr: torch.Tensor
     col_idx: torch.Tensor

@@ -68,6 +68,8 @@ def _ops(device: torch.device):
 
 
 class SparseLinearFunction(torch.autograd.Function):
+    """``x S^T`` for a fixed mask: SpMM forward, SpMM and SDDMM (masked) backward."""
+
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, values: torch.Tensor, s: SparseStructure):
         ctx.structure = s

@@ -114,12 +114,14 @@ class Recorder:
 
 def main() -> None:
     out, argv = Path(sys.argv[1]), sys.argv[2:]
+    import rosa_ds.methods.subspace as S
     import rosa_ds.train as T
+    from rosa_ds.adapters.masks import GradientCollector
     from rosa_ds.cli import run
 
     rec = Recorder()
-    step_fn, collate_fn, resample_fn = T.optimizer_step, T.collate, T.resample_all
-    start, stop = T.GradientCollector.start, T.GradientCollector.stop
+    step_fn, collate_fn, resample_fn = T.optimizer_step, T.collate, S.resample_all
+    start, stop = GradientCollector.start, GradientCollector.stop
 
     def optimizer_step(built, *args, **kw):
         rec.engine = weakref.ref(built.engine)
@@ -142,8 +144,8 @@ def main() -> None:
         rec.collecting = False
         return stop(self)
 
-    T.optimizer_step, T.collate, T.resample_all = optimizer_step, collate, resample_all
-    T.GradientCollector.start, T.GradientCollector.stop = collector_start, collector_stop
+    T.optimizer_step, T.collate, S.resample_all = optimizer_step, collate, resample_all
+    GradientCollector.start, GradientCollector.stop = collector_start, collector_stop
     code = run(argv)
     rank = int(os.environ.get("RANK", "0"))
     path = out if rank == 0 else out.with_name(f"{out.stem}.rank{rank}{out.suffix}")

@@ -18,7 +18,7 @@ from deepspeed.utils import safe_get_full_optimizer_state  # noqa: E402
 from rosa_ds.adapters.inject import adapted_modules  # noqa: E402
 from rosa_ds.config import load_config  # noqa: E402
 from rosa_ds.data.batching import collate  # noqa: E402
-from rosa_ds.engine import EngineOptions, build_engine  # noqa: E402
+from rosa_ds.engine import build_engine  # noqa: E402
 from rosa_ds.methods import Progress, Run  # noqa: E402
 from rosa_ds.methods.subspace import Subspace  # noqa: E402
 from rosa_ds.preflight import prepare  # noqa: E402
@@ -48,13 +48,11 @@ def main() -> None:
             numel = m.out_features * m.in_features
             flat = torch.randperm(numel, generator=g)[: round(cfg.adapter.density * numel)]
             masks[name] = SparseStructure.from_flat_indices(flat, (m.out_features, m.in_features))
+    method = Subspace(cfg, Path(out).parent)  # the re-warm-up's factor is the method's
+    options = method.engine_options(Progress("train", 0))
+    options.masks = masks
     built = build_engine(
-        cfg,
-        prep.model_path,
-        prep.tokenizer,
-        prep.hidden_size,
-        training=True,
-        options=EngineOptions(masks=masks),
+        cfg, prep.model_path, prep.tokenizer, prep.hidden_size, training=True, options=options
     )
     engine, p = built.engine, built.placement
     sampler = make_sampler(cfg, prep, built)
@@ -89,7 +87,7 @@ def main() -> None:
     # the trainer's own resample: factors, frozen weights, Adam state, re-warm-up
     progress = Progress("train", 3)
     log = MetricsLog(Path(out).parent, enabled=False)
-    Subspace(cfg, Path(out).parent).resample(Run(built, progress, log, steps_per_epoch=1))
+    method.resample(Run(built, progress, log, steps_per_epoch=1))
     report = progress.history["resample"]
     after = logits()
     moments = {}
