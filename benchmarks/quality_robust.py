@@ -49,12 +49,12 @@ def budgets(shapes: list[tuple[int, int]], rank: int) -> dict[str, list[str]]:
     spa_density = lora_params / numel
     return {
         "lora": [f"adapter.rank={rank}"],
-        "spa": [
+        "sparse": [
             "adapter.rank=0",
             f"adapter.density={spa_density:.6f}",
             f"adapter.robust.warmup_rank={half}",
         ],
-        "rosa": [f"adapter.rank={half}", f"adapter.density={rosa_density:.6f}"],
+        "robust": [f"adapter.rank={half}", f"adapter.density={rosa_density:.6f}"],
     }
 
 

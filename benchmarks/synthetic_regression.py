@@ -58,7 +58,7 @@ def train(method: str, rank: int, base: nn.Linear, train_set, val_set, args) -> 
     def optimizer():
         return torch.optim.AdamW(params(), lr=args.lr)
 
-    if method == "rosa":  # the reference factorizes at construction
+    if method == "subspace":  # the reference factorizes at construction
         resample_all(
             model,
             sampling=args.sampling,
@@ -70,10 +70,10 @@ def train(method: str, rank: int, base: nn.Linear, train_set, val_set, args) -> 
     opt = optimizer()
     x, y = train_set
     g = torch.Generator().manual_seed(args.seed)
-    curve, resamples = [], 1 if method == "rosa" else 0
+    curve, resamples = [], 1 if method == "subspace" else 0
     for epoch in range(args.epochs):
         if (
-            method == "rosa"
+            method == "subspace"
             and epoch >= args.warmup_epochs
             and (epoch - args.warmup_epochs) % args.resample_every == 0
         ):
@@ -118,7 +118,7 @@ def plot(results: dict, path: Path) -> bool:
     ranks = sorted({r for (_, r) in results if r})
     fig, axes = plt.subplots(1, len(ranks), figsize=(4 * len(ranks), 3.5), sharey=True)
     for ax, r in zip(axes, ranks, strict=True):
-        for method in ("lora", "rosa"):
+        for method in ("lora", "subspace"):
             ax.plot(results[(method, r)]["curve"], label=method)
         ax.plot(results[("full", 0)]["curve"], label="full", linestyle="--")
         ax.set_yscale("log")
@@ -148,21 +148,21 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base, train_set, val_set = make_task(args.seed, 512, 32, 24, 5000, 1000)
-    runs = [("full", 0)] + [(m, r) for r in args.ranks for m in ("lora", "rosa")]
+    runs = [("full", 0)] + [(m, r) for r in args.ranks for m in ("lora", "subspace")]
     results = {}
     for method, rank in runs:
         t0 = time.time()
         results[(method, rank)] = train(method, rank, base, train_set, val_set, args)
         res = results[(method, rank)]
         print(
-            f"{method:5s} r={rank:<3d} val MSE {res['val_mse']:.4g}  update rank "
+            f"{method:8s} r={rank:<3d} val MSE {res['val_mse']:.4g}  update rank "
             f"{res['update_rank']}  ({time.time() - t0:.0f} s)",
             flush=True,
         )
     print("\n| rank | LoRA val MSE | ROSA val MSE | ROSA / LoRA | ROSA update rank |")
     print("|---|---|---|---|---|")
     for r in args.ranks:
-        lo, ro = results[("lora", r)], results[("rosa", r)]
+        lo, ro = results[("lora", r)], results[("subspace", r)]
         print(
             f"| {r} | {lo['val_mse']:.4g} | {ro['val_mse']:.4g} | "
             f"{ro['val_mse'] / lo['val_mse']:.4g} | {ro['update_rank']} |"
@@ -175,7 +175,7 @@ def main() -> None:
     print(f"curves: {png}" if plot(results, png) else "matplotlib missing: no PNG")
     print(
         " ".join(
-            f"r{r}={results[('rosa', r)]['val_mse'] / results[('lora', r)]['val_mse']:.4g}"
+            f"r{r}={results[('subspace', r)]['val_mse'] / results[('lora', r)]['val_mse']:.4g}"
             for r in args.ranks
         )
     )

@@ -15,6 +15,7 @@ import torch
 
 from rosa_ds.dist import all_reduce_sum
 from rosa_ds.errors import TrainingError
+from rosa_ds.zero_params import local_tensor
 
 
 class NonFiniteGuard:
@@ -49,7 +50,7 @@ def nonfinite_trainable(model: torch.nn.Module) -> int:
     bad = 0
     for p in model.parameters():
         if p.requires_grad:
-            local = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+            local = local_tensor(p)
             bad += int(not bool(torch.isfinite(local).all()))
     (total,) = all_reduce_sum([float(bad)])
     return int(total)

@@ -39,6 +39,11 @@ def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> It
         yield
 
 
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``p``: its ZeRO-3 partition, or the whole tensor."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
 def local_numel(p: torch.Tensor) -> tuple[int, int]:
     """Elements this rank holds of ``p``, and the full parameter's (they differ under ZeRO-3)."""
     if hasattr(p, "ds_tensor"):
