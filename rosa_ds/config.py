@@ -242,7 +242,9 @@ class DataConfig:
     subset: str | None = _f(None, "Dataset configuration on the hub, e.g. main for openai/gsm8k.")
     train_split: str = _f("train", "Split used for training (hub datasets).")
     eval_split: str | None = _f(
-        "test", "Split for evaluation; if missing, eval_fraction of train is held out."
+        "test",
+        "Split for evaluation; if missing, eval_fraction of train is held out. The generators "
+        "have two: test and validation (disjoint from each other and from train).",
     )
     eval_fraction: float = _f(0.05, "Held-out fraction when the dataset has no eval split.")
     num_train: int = _f(2000, "Number of generated training examples (generators only).")

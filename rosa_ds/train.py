@@ -73,6 +73,11 @@ def parameter_elements(model: torch.nn.Module) -> tuple[int, int]:
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
+def trainable_elements(model: torch.nn.Module) -> int:
+    """Trainable elements of the whole model (every rank's partitions together)."""
+    return sum(local_numel(p)[1] for p in model.parameters() if p.requires_grad)
+
+
 class Trainer:
     """Runs the passes a method plans; see the module docstring."""
 
@@ -248,6 +253,7 @@ class Trainer:
             "precision": self.precision_choice.to_dict() if self.precision_choice else None,
             "param_elements_local": local,
             "param_elements_total": total,
+            "trainable_elements": trainable_elements(built.model),
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "losses": losses,

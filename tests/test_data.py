@@ -188,3 +188,29 @@ def test_sampler_is_world_size_invariant(world):
             assert ranks[j % world].micro_batches(step)[j // world] == mb
     epoch0 = [i for s in range(12) for mb in single.micro_batches(s) for i in mb]
     assert sorted(epoch0) == sorted(set(epoch0)) and len(epoch0) == 96
+
+
+def test_generated_validation_and_test_splits_are_disjoint_from_each_other_and_train():
+    from rosa_ds.config import DataConfig
+    from rosa_ds.data.loading import load_task_data
+
+    splits = {}
+    for split in ("test", "validation"):
+        cfg = DataConfig(dataset="multistep", num_train=300, num_eval=64, eval_split=split)
+        data = load_task_data(cfg)
+        splits[split] = {r["prompt"] for r in data.eval}
+        train = {r["prompt"] for r in data.train}
+        assert len(splits[split]) == 64 and not splits[split] & train
+    assert not splits["test"] & splits["validation"]
+    # the default stays the test split (what every earlier run evaluated on)
+    default = load_task_data(DataConfig(dataset="multistep", num_train=300, num_eval=64))
+    assert {r["prompt"] for r in default.eval} == splits["test"]
+
+
+def test_generated_data_has_no_other_split():
+    from rosa_ds.config import DataConfig
+    from rosa_ds.data.loading import load_task_data
+    from rosa_ds.errors import UserError
+
+    with pytest.raises(UserError, match="not a split of the arithmetic generator"):
+        load_task_data(DataConfig(eval_split="dev"))

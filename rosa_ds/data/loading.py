@@ -137,17 +137,36 @@ def _load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], str]
     return {name: list(split) for name, split in loaded.items()}, cfg.dataset
 
 
+GENERATED_SPLITS = ("test", "validation")
+
+
+def generated_heldout(cfg: DataConfig, seen: set[str]) -> list[dict[str, str]]:
+    """``data.num_eval`` held-out problems of a generator, none of them a training problem:
+    ``test`` (the default) and ``validation`` are drawn with their own seeds and never share a
+    problem either, so hyperparameters chosen on one are reported on the other."""
+    split = cfg.eval_split or "test"
+    if split not in GENERATED_SPLITS:
+        raise UserError(
+            f"data.eval_split={split} is not a split of the {cfg.dataset} generator; use "
+            f"{' or '.join(GENERATED_SPLITS)}"
+        )
+
+    def draw(offset: int, exclude: set[str]) -> list[dict[str, str]]:
+        rows = generate(cfg.dataset, cfg.num_eval * 4, cfg.seed + offset, cfg.difficulty)
+        return [r for r in rows if r["question"] not in exclude][: cfg.num_eval]
+
+    test = draw(1, seen)
+    if split == "test":
+        return test
+    return draw(2, seen | {r["question"] for r in test})
+
+
 def load_task_data(cfg: DataConfig) -> TaskData:
     """Train and held-out records plus the format and the metric that scores them."""
     if cfg.dataset in GENERATORS:
         fmt = GENERATOR_FORMAT[cfg.dataset]
         train_rows = generate(cfg.dataset, cfg.num_train, cfg.seed, cfg.difficulty)
-        seen = {r["question"] for r in train_rows}
-        eval_rows = [
-            r
-            for r in generate(cfg.dataset, cfg.num_eval * 4, cfg.seed + 1, cfg.difficulty)
-            if r["question"] not in seen
-        ][: cfg.num_eval]
+        eval_rows = generated_heldout(cfg, {r["question"] for r in train_rows})
         source = f"generator {cfg.dataset}"
     else:
         splits, source = _load_splits(cfg)
