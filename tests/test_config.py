@@ -48,6 +48,9 @@ def test_overrides_apply_with_types():
         ("model.trust_remote_code=maybe", "must be true or false"),
         ("nonsense", "must look like key=value"),
         ("train=3", "must be a section"),
+        ("adapter.method=rosa", "adapter.method must be one of"),
+        ("adapter.method=robust", "adapter.method=robust needs adapter.rank > 0, adapter.density"),
+        ("adapter.method=subspace", "but the keys describe lora"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, message):
@@ -157,3 +160,18 @@ def test_schedule_equals_transformers(kind, warmup, total):
     ours = lrs(build_scheduler(opt(), kind, warmup, total))
     theirs = lrs(get_scheduler(kind, opt(), num_warmup_steps=warmup, num_training_steps=total))
     assert ours == pytest.approx(theirs, abs=1e-12)
+
+
+def test_method_follows_the_keys_or_is_named():
+    assert load_config("tiny-lora").adapter.method_name == "lora"
+    assert load_config("tiny-robust").adapter.method_name == "robust"
+    assert load_config("tiny-robust", ["adapter.rank=0"]).adapter.method_name == "sparse"
+    assert load_config("tiny-subspace").adapter.method_name == "subspace"
+    hybrid = load_config("tiny-subspace", ["adapter.density=0.05"])
+    assert hybrid.adapter.method_name == "hybrid"
+    named = load_config("tiny-subspace", ["adapter.density=0.05", "adapter.method=hybrid"])
+    assert named.adapter.method_name == "hybrid"
+    assert load_config("tiny-full").adapter.method_name == "full"
+    for keys in (["adapter.density=0.05"], ["adapter.resample_every=5"]):
+        with pytest.raises(UserError, match="adapter.method=full needs"):
+            load_config("tiny-full", keys)
