@@ -332,7 +332,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="main-pass optimizer steps")
     ap.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     ap.add_argument("--mask-warmup", type=int, default=16, help="LoRA steps before collecting")
-    ap.add_argument("--resamples", type=int, default=2, help="ROSA resamples after the start")
+    ap.add_argument(
+        "--resamples", type=int, default=2, help="ROSA resamples every steps // (N + 1) steps"
+    )
     ap.add_argument("--difficulty", type=int, default=3)
     ap.add_argument("--num-train", type=int, default=2000)
     ap.add_argument("--max-length", type=int, default=160)
