@@ -558,7 +558,20 @@ def _require(cond: bool, message: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Reject impossible values with a message that says what to set instead."""
-    a, t, d, e = cfg.adapter, cfg.train, cfg.data, cfg.eval
+    for check in (
+        _check_method,
+        _check_adapter,
+        _check_robust,
+        _check_train,
+        _check_data_eval,
+        _check_quant_deepspeed,
+    ):
+        check(cfg)
+
+
+def _check_method(cfg: RunConfig) -> None:
+    """The output folder, and a named method against the keys that describe it."""
+    a = cfg.adapter
     _require(bool(cfg.output_dir.strip()), "output_dir must not be empty; set output_dir=runs/NAME")
     if a.method == "full":
         _require(
@@ -572,6 +585,11 @@ def validate(cfg: RunConfig) -> None:
             f"adapter.method={a.method} needs {METHOD_NEEDS[a.method]}, but the keys describe "
             f"{implied_method(a)}; fix them or set adapter.method=auto",
         )
+
+
+def _check_adapter(cfg: RunConfig) -> None:
+    """The low-rank part, the sparse densities, resampling, the targets."""
+    a = cfg.adapter
     _require(a.rank >= 0, f"adapter.rank must be >= 0, got {a.rank}; e.g. adapter.rank=8")
     _require(0 <= a.density < 1, f"adapter.density must be in [0, 1), got {a.density}")
     for pattern, dens in a.robust.density_patterns.items():
@@ -602,6 +620,14 @@ def validate(cfg: RunConfig) -> None:
             "adapter.resample_every needs adapter.rank > 0 (it resamples the low-rank adapter)",
         )
         _require(a.subspace.rewarm_steps >= 0, "adapter.subspace.rewarm_steps must be >= 0")
+    _require(a.alpha > 0, f"adapter.alpha must be > 0, got {a.alpha}; e.g. adapter.alpha=16")
+    _require(0 <= a.dropout < 1, f"adapter.dropout must be in [0, 1), got {a.dropout}")
+    _require(len(a.targets) > 0, "adapter.targets must name at least one module pattern")
+
+
+def _check_robust(cfg: RunConfig) -> None:
+    """How robust adaptation chooses its masks."""
+    a = cfg.adapter
     r = a.robust
     _require(r.mask_warmup_steps >= 0, "adapter.robust.mask_warmup_steps must be >= 0")
     _require(
@@ -633,9 +659,11 @@ def validate(cfg: RunConfig) -> None:
             f"{cfg.train.max_steps}), which after_mask=continue counts them in; shorten the "
             "warm-up, train longer or use adapter.robust.after_mask=restart",
         )
-    _require(a.alpha > 0, f"adapter.alpha must be > 0, got {a.alpha}; e.g. adapter.alpha=16")
-    _require(0 <= a.dropout < 1, f"adapter.dropout must be in [0, 1), got {a.dropout}")
-    _require(len(a.targets) > 0, "adapter.targets must name at least one module pattern")
+
+
+def _check_train(cfg: RunConfig) -> None:
+    """Steps, batches, the optimizer, the schedule, checkpoints and logging."""
+    t = cfg.train
     _require(t.max_steps > 0, f"train.max_steps must be > 0, got {t.max_steps}")
     _require(
         t.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {t.micro_batch_size}"
@@ -659,6 +687,12 @@ def validate(cfg: RunConfig) -> None:
     _require(
         t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"
     )
+    _require(t.max_bad_steps >= 0, f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}")
+
+
+def _check_data_eval(cfg: RunConfig) -> None:
+    """The data and the evaluation."""
+    d, e = cfg.data, cfg.eval
     _require(d.max_length >= 8, f"data.max_length must be >= 8, got {d.max_length}")
     _require(
         0 < d.eval_fraction < 1, f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}"
@@ -673,7 +707,10 @@ def validate(cfg: RunConfig) -> None:
         "eval.num_generate must be >= 0, eval.max_new_tokens and eval.batch_size > 0",
     )
     _require(e.max_loss_examples >= 0, "eval.max_loss_examples must be >= 0")
-    _require(t.max_bad_steps >= 0, f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}")
+
+
+def _check_quant_deepspeed(cfg: RunConfig) -> None:
+    """4-bit settings and the DeepSpeed timeouts."""
     q = cfg.quant
     _require(q.bits in (4, 16), f"quant.bits must be 16 or 4, got {q.bits}; e.g. quant.bits=4")
     _require(

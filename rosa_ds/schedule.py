@@ -45,24 +45,30 @@ def lr_factor(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return functools.partial(fn, warmup=warmup, total=total)
 
 
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """The run's LambdaLR, with one more method: ``refresh`` re-applies the factors at the
+    current step, for when a factor changed between steps (a re-warm-up that starts now),
+    which ``step`` would otherwise apply one step late."""
+
+    def refresh(self) -> None:
+        lrs = [
+            base * fn(self.last_epoch)
+            for base, fn in zip(self.base_lrs, self.lr_lambdas, strict=True)
+        ]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     kind: str,
     warmup: int,
     total: int,
     extra: Callable[[int], float] | None = None,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR over every parameter group; ``extra`` multiplies the factor (re-warm-ups)."""
+) -> Schedule:
+    """The schedule over every parameter group; ``extra`` multiplies the factor (re-warm-ups)."""
     base = lr_factor(kind, warmup, total)
     if extra is None:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, base)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: base(step) * extra(step))
-
-
-def refresh_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
-    """Recompute the learning rates at the schedule's current step (after the factor changed,
-    e.g. a re-warm-up started, which the schedule would otherwise apply one step late)."""
-    for group, base_lr, fn in zip(
-        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
-    ):
-        group["lr"] = base_lr * fn(scheduler.last_epoch)
+        return Schedule(optimizer, base)
+    return Schedule(optimizer, lambda step: base(step) * extra(step))

@@ -21,7 +21,6 @@ from rosa_ds.adapters.subspace_io import (
 from rosa_ds.checkpoint import FROZEN_FILE
 from rosa_ds.engine import EngineOptions
 from rosa_ds.methods.base import TRAIN, Method, Progress, Run, Segment
-from rosa_ds.schedule import refresh_lr
 from rosa_ds.zero_params import reset_optimizer_group
 
 HISTORY_KEY = "resample"
@@ -79,7 +78,7 @@ class Subspace(Method):
         state = SubspaceState.load(run.progress.history)
         if self.rewarm is not None and state.steps:
             self.rewarm.since = state.steps[-1]
-            refresh_lr(run.built.engine.lr_scheduler)
+            run.built.engine.lr_scheduler.refresh()
         if (folder / FROZEN_FILE).is_file():
             read_frozen_weights(run.built.model, folder / FROZEN_FILE)
 
@@ -100,7 +99,8 @@ class Subspace(Method):
 
     @staticmethod
     def resampled(progress: Progress) -> bool:
-        return HISTORY_KEY in progress.history
+        """Have the frozen weights been rewritten (so checkpoints must carry them)?"""
+        return SubspaceState.load(progress.history).count > 0
 
     def resample(self, run: Run) -> None:
         """Merge, factorize and resample every low-rank adapter; reset the factors' Adam state."""
@@ -117,7 +117,7 @@ class Subspace(Method):
         reset_optimizer_group(built.engine, built.group_index("lowrank"))
         if self.rewarm is not None:
             self.rewarm.since = progress.step
-            refresh_lr(built.engine.lr_scheduler)
+            built.engine.lr_scheduler.refresh()
         state.count += 1
         state.steps.append(progress.step)
         state.seconds.append(round(report.seconds, 4))
