@@ -17,7 +17,6 @@ from rosa_ds.adapters.io import apply_adapter_state, is_delta, load_adapter, mas
 from rosa_ds.adapters.subspace_io import read_stored_dense
 from rosa_ds.config import AdapterConfig, ModelConfig
 from rosa_ds.errors import UserError
-from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.model import check_model, load_tokenizer
 from rosa_ds.quant.files import rebuild_trained_base
 
@@ -83,9 +82,8 @@ def _apply_subspace_delta(model, state, meta, adapter_dir) -> torch.nn.Module:
             else:
                 delta = state[f"{name}.delta_B"].float() @ state[f"{name}.delta_A"].float()
             if name in meta.get("sparse_modules", []):
-                structure = SparseStructure.from_csr(
-                    state[f"{name}.row_ptr"], state[f"{name}.col_idx"], tuple(weight.shape)
-                )
+                shape_of = lambda _, shape=tuple(weight.shape): shape  # noqa: E731
+                structure = masks_from_state(state, [name], shape_of, adapter_dir)[name]
                 delta += structure.to_dense(state[f"{name}.sparse_values"].float())
         except (AttributeError, KeyError, RuntimeError, ValueError) as exc:
             raise UserError(

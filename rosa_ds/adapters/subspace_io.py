@@ -61,15 +61,25 @@ def gather_frozen_weights(
     return (tensors, {"quant_specs": json.dumps(specs)}) if rank == 0 else None
 
 
+def _stored_entry(handle, name: str, path: Path) -> tuple[torch.Tensor, dict | None]:
+    """One matrix of an open frozen-weight file: 4-bit records and their spec, or a plain
+    weight and None."""
+    if name + RECORDS in set(handle.keys()):
+        specs = json.loads((handle.metadata() or {}).get("quant_specs", "{}"))
+        return handle.get_tensor(name + RECORDS), specs.get(name)
+    if name in set(handle.keys()):
+        return handle.get_tensor(name), None
+    raise UserError(
+        f"{path} lacks the frozen weight of {name}; the checkpoint does not match this model"
+    )
+
+
 def read_stored_dense(folder: Path, name: str, shape: tuple[int, int]) -> torch.Tensor:
     """One frozen weight of a frozen-weight file as a plain fp32 tensor (4-bit: dequantized)."""
-    with safe_open(str(folder / FROZEN_IN_ADAPTER), framework="pt") as f:
-        specs = json.loads((f.metadata() or {}).get("quant_specs", "{}"))
-        if name + RECORDS in set(f.keys()):
-            tensor, spec = f.get_tensor(name + RECORDS), specs.get(name)
-        else:
-            tensor, spec = f.get_tensor(name), None
-    where = f"{folder / FROZEN_IN_ADAPTER}: {name}"
+    path = folder / FROZEN_IN_ADAPTER
+    with safe_open(str(path), framework="pt") as f:
+        tensor, spec = _stored_entry(f, name, path)
+    where = f"{path}: {name}"
     linear = nn.Linear(shape[1], shape[0], bias=False, device="meta")
     return DenseFrozen(linear).adopt(tensor, spec, where).float()
 
@@ -80,20 +90,10 @@ def read_frozen_weights(model: nn.Module, path: Path) -> None:
     the weights are scattered to the shards."""
     rank, _ = rank_world()
     handle = safe_open(str(path), framework="pt") if rank == 0 else None
-    keys = set(handle.keys()) if handle else set()
-    specs = json.loads((handle.metadata() or {}).get("quant_specs", "{}")) if handle else {}
     for name, module in sorted(adapted_modules(model).items()):
         frozen, value = module.frozen, None
         if rank == 0:
-            if name + RECORDS in keys:
-                tensor, spec = handle.get_tensor(name + RECORDS), specs.get(name)
-            elif name in keys:
-                tensor, spec = handle.get_tensor(name), None
-            else:
-                raise UserError(
-                    f"{path} lacks the frozen weight of {name}; the checkpoint does not match "
-                    "this model"
-                )
+            tensor, spec = _stored_entry(handle, name, path)
             value = frozen.adopt(tensor, spec, f"{path}: {name}")
         frozen.write_stored(value, owner=0)
 
