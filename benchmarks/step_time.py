@@ -8,7 +8,11 @@
 ``--vs lora``: LoRA at rank ``--rank`` against RoSA at rank ``--rank / 2`` plus the density
 that makes the trainable-parameter counts equal on this model's shapes (the paper's
 LoRA r=32 against RoSA r=16 + 0.6% on 7B shapes, transposed to the benchmark model). The masks
-are random at that density: step time depends on the mask's size, not on how it was chosen.
+are chosen as training chooses them, from the frozen weights' squared gradients on generated
+problems (they concentrate in rows and columns, which changes the sparse kernels' speed);
+``--masks random`` draws them uniformly instead. Rank 0 then times the parts of RoSA's step
+that LoRA does not have (the SDDMM of the values' gradient, the two merges of ``S`` into ``W``)
+on the same shapes, so the last lines say where the extra time goes.
 """
 
 from __future__ import annotations
@@ -84,6 +88,76 @@ def random_masks(model, density: float, seed: int):
     return masks
 
 
+def problem_batch(tok, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """``batch`` generated multi-step problems, padded or cut to ``seq`` tokens."""
+    from rosa_ds.data.tasks import generate
+
+    texts = [f"{r['question']}\n{r['answer']}" for r in generate("multistep", batch, seed, 3)]
+    enc = tok(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+    return {"input_ids": enc.input_ids, "labels": enc.input_ids.clone()}
+
+
+def gradient_masks(path: str, cfg, tok, args) -> dict:
+    """Masks as a run chooses them: the collector's squared frozen-weight gradients over two
+    micro-batches per rank (reduce-scattered across the ranks), top-k per matrix."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from rosa_ds.adapters.inject import inject_adapters
+    from rosa_ds.adapters.masks import GradientCollector
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    inject_adapters(model, cfg.adapter)
+    collector = GradientCollector(model, cfg.adapter)
+    collector.start()
+    for i in range(2):
+        model(
+            **problem_batch(tok, args.batch, args.seq, 100 + 2 * dist.get_rank() + i)
+        ).loss.backward()
+        collector.count_micro_batch()
+    collector.stop()
+    return collector.select(cfg.adapter)
+
+
+def concentration(masks: dict) -> tuple[float, float]:
+    """The share of non-zeros in the densest 10% of rows and of columns (mean over matrices)."""
+    rows, cols = [], []
+    for s in masks.values():
+        for counts, n in (
+            (s.row_ptr[1:] - s.row_ptr[:-1], s.shape[0]),
+            (torch.bincount(s.col_idx.long(), minlength=s.shape[1]), s.shape[1]),
+        ):
+            top = counts.sort(descending=True).values[: max(1, n // 10)].sum()
+            (rows if n == s.shape[0] else cols).append(float(top) / max(s.nnz, 1))
+    return statistics.mean(rows), statistics.mean(cols)
+
+
+def sparse_parts_ms(masks: dict, tokens: int, repeats: int = 5) -> dict[str, float]:
+    """Per step, summed over the adapted matrices: the SDDMM and the two merges RoSA adds, and
+    for scale the two frozen GEMMs (forward, input gradient) both methods run."""
+    from rosa_ds.kernels import torch_sparse
+
+    def median_ms(fn, *args) -> float:
+        fn(*args)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1000
+
+    total = {"sddmm": 0.0, "merges": 0.0, "frozen_gemms": 0.0}
+    for s in masks.values():
+        out_f, in_f = s.shape
+        dy, x = torch.randn(tokens, out_f), torch.randn(tokens, in_f)
+        w, values = torch.randn(out_f, in_f), torch.randn(s.nnz)
+        total["sddmm"] += median_ms(torch_sparse.sddmm, dy, x, s)
+        total["merges"] += 2 * median_ms(torch_sparse.sparse_add, w, values, s)
+        total["frozen_gemms"] += 2 * median_ms(torch.mm, x, w.T)
+    return total
+
+
 def vs_lora(args) -> None:
     """RoSA against LoRA at the same trainable-parameter budget, 2 ranks, ZeRO-2."""
     if "RANK" not in os.environ:  # re-launch this script as args.nproc ranks
@@ -133,23 +207,19 @@ def vs_lora(args) -> None:
             "adapter.robust.mask_warmup_steps=0",
         ],
     )
+    if args.masks == "random":
+        masks = random_masks(lora.model, density, seed=0)
+    else:
+        masks = gradient_masks(path, rosa_cfg, tok, args)
     rosa = build_engine(
-        rosa_cfg,
-        path,
-        tok,
-        hidden,
-        training=True,
-        options=EngineOptions(masks=random_masks(lora.model, density, seed=0)),
+        rosa_cfg, path, tok, hidden, training=True, options=EngineOptions(masks=masks)
     )
     engines = {"rosa": rosa.engine, "lora": lora.engine}
     count = {
         k: sum(p.numel() for p in e.module.parameters() if p.requires_grad)
         for k, e in engines.items()
     }
-    vocab = lora.model.config.vocab_size
-    g = torch.Generator().manual_seed(dist.get_rank())
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
-    batch = {"input_ids": ids, "labels": ids.clone()}
+    batch = problem_batch(tok, args.batch, args.seq, seed=dist.get_rank())
     times: dict[str, list[float]] = {k: [] for k in engines}
     for i in range(args.warmup + args.steps):
         order = list(engines) if i % 2 == 0 else list(reversed(engines))
@@ -179,9 +249,22 @@ def vs_lora(args) -> None:
             f"{kind:5s} median step {value * 1000:.1f} ms "
             f"(min {min(times[kind]) * 1000:.1f}, max {max(times[kind]) * 1000:.1f})"
         )
+    rows, cols = concentration(masks)
+    print(
+        f"{args.masks} masks: the densest 10% of rows hold {rows:.0%} of the non-zeros, "
+        f"of columns {cols:.0%} (mean over {len(masks)} matrices)"
+    )
+    parts = sparse_parts_ms(masks, args.batch * args.seq)
+    extra = (med["rosa"] - med["lora"]) * 1000
+    print(
+        f"RoSA's extra {extra:.1f} ms per step; timed alone on rank 0, per step: SDDMM "
+        f"{parts['sddmm']:.1f} ms, merges of S into W {parts['merges']:.1f} ms (the frozen "
+        f"GEMMs both methods run: {parts['frozen_gemms']:.1f} ms)"
+    )
     print(
         f"rosa_ms={med['rosa'] * 1000:.1f} lora_ms={med['lora'] * 1000:.1f} "
-        f"density={density:.5f} ratio={med['rosa'] / med['lora']:.3f}"
+        f"density={density:.5f} sddmm_ms={parts['sddmm']:.1f} merges_ms={parts['merges']:.1f} "
+        f"ratio={med['rosa'] / med['lora']:.3f}"
     )
 
 
@@ -197,6 +280,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument(
+        "--masks", choices=["gradient", "random"], default="gradient", help="for --vs lora"
+    )
     args = ap.parse_args()
     if args.vs == "lora":
         vs_lora(args)

@@ -149,6 +149,22 @@ def test_sparse_add_path_equals_spmm_path(bias):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
 
 
+def test_the_cpu_merge_rounds_w_plus_s_once_in_bf16():
+    """The CPU merge of ``S`` into a bf16 weight is the fp32 sum ``W + S`` rounded once, as the
+    Triton kernel computes it (rounding ``S`` to bf16 first, then the sum, changed 20 of 1500
+    entries). The Triton kernel itself cannot be checked here: its interpreter truncates fp32
+    to bf16 where the GPU rounds to nearest."""
+    from rosa_ds.kernels import torch_sparse
+    from rosa_ds.kernels.csr import SparseStructure
+
+    torch.manual_seed(0)
+    w = (0.15 * torch.randn(64, 96)).bfloat16()
+    s = SparseStructure.from_flat_indices(torch.randperm(64 * 96)[:1500], (64, 96))
+    values = 1e-3 * torch.randn(s.nnz)
+    merged = torch_sparse.sparse_add(w, values, s)
+    assert torch.equal(merged, (w.float() + s.to_dense(values)).bfloat16())
+
+
 def test_sparse_path_cost_model():
     from rosa_ds.kernels.sparse_linear import use_sparse_add
 

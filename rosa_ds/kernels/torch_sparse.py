@@ -40,7 +40,11 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, s: SparseStructure) -> torch.Tensor
 
 
 def sparse_add(w: torch.Tensor, values: torch.Tensor, s: SparseStructure) -> torch.Tensor:
-    """``W + S`` as a new dense tensor in ``w``'s dtype."""
+    """``W + S`` as a new dense tensor in ``w``'s dtype: the sum in fp32, rounded once (as the
+    Triton kernel does), not ``S`` rounded to ``W``'s dtype and then the sum again."""
     out = w.detach().clone()
-    out.view(-1).index_add_(0, s.flat_indices().to(w.device), values.detach().to(w.dtype))
+    flat = out.view(-1)
+    idx = s.flat_indices().to(w.device)
+    merged = flat.index_select(0, idx).float() + values.detach().float()
+    flat.index_copy_(0, idx, merged.to(w.dtype))
     return out
