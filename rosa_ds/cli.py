@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from rosa_ds.errors import TrainingError, UserError
+from rosa_ds.preemption import Preempted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         if _is_main_rank() or os.environ.get("ROSA_DS_ALL_RANKS_REPORT"):
             print(f"rosa-ds: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except Preempted as exc:
+        if _is_main_rank():
+            print(f"rosa-ds: {exc}", file=sys.stderr)
         code = exc.exit_code
     except TrainingError as exc:  # every rank says it: the main rank may be the one lost
         print(f"rosa-ds: error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from rosa_ds.errors import UserError
+from rosa_ds.preemption import SIGNAL_NAMES
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -291,6 +292,24 @@ class TrainConfig:
         3,
         "Optimizer steps in a row with a non-finite loss or gradient that are skipped (no "
         "update) before the run stops with an error; 0 stops at the first.",
+    )
+    stop_signals: list[str] = _f(
+        ["SIGTERM", "SIGUSR1"],
+        "Signals that stop the run cleanly: every rank finishes the optimizer step, writes a "
+        "checkpoint and exits with code 75 (SLURM sends SIGTERM at preemption and at the time "
+        "limit; sbatch --signal=USR1@180 asks for a warning before it). Any of SIGTERM, SIGUSR1, "
+        "SIGUSR2, SIGINT, SIGHUP; [] leaves signals alone.",
+    )
+    stop_timeout: float = _f(
+        25.0,
+        "Seconds from a stop signal to exit at most: a stop checkpoint not written by then is "
+        "abandoned (the previous one stays latest). Keep it under the scheduler's grace period "
+        "(SLURM KillWait, 30 s by default) or the --signal warning time; 0: no limit.",
+    )
+    auto_resume: bool = _f(
+        False,
+        "Continue from output_dir's latest checkpoint when it holds one (as --resume), else "
+        "start; for jobs that are requeued after preemption.",
     )
 
 
@@ -688,6 +707,14 @@ def _check_train(cfg: RunConfig) -> None:
         t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"
     )
     _require(t.max_bad_steps >= 0, f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}")
+    unknown = [s for s in t.stop_signals if s not in SIGNAL_NAMES]
+    _require(
+        not unknown,
+        f"train.stop_signals: {unknown} are not stop signals; use any of {list(SIGNAL_NAMES)}",
+    )
+    _require(
+        t.stop_timeout >= 0, f"train.stop_timeout must be >= 0 (0: no limit), got {t.stop_timeout}"
+    )
 
 
 def _check_data_eval(cfg: RunConfig) -> None:

@@ -5,6 +5,9 @@ step N is the N-th optimizer step of the pass, counted from 1):
 
     save:<point>@N    exit at a named point of the save of step N (see ``checkpoint.SAVE_POINTS``)
     kill:rank<R>@N    rank R kills itself with SIGKILL after optimizer step N
+    signal:rank<R>@N  rank R sends itself SIGTERM during optimizer step N (after its first
+                      micro-batch's backward), as a scheduler's preemption would
+    slow@N            optimizer step N takes half a second longer (room to signal a live run)
     nan_loss@N        the loss of step N becomes NaN (and so do its gradients)
     nan_grad@N        one adapter gradient of step N becomes NaN; the loss stays finite
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import torch
@@ -47,6 +51,16 @@ def exit_if(name: str, step: int) -> None:
 def kill_if(rank: int, step: int) -> None:
     if active(f"kill:rank{rank}", step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def signal_if(rank: int, step: int) -> None:
+    if active(f"signal:rank{rank}", step):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def slow_if(step: int) -> None:
+    if active("slow", step):
+        time.sleep(0.5)
 
 
 def corrupt_loss(loss: torch.Tensor, step: int) -> torch.Tensor:

@@ -86,6 +86,19 @@ def check_output_dir(output_dir: str, resume: bool) -> None:
         )
 
 
+def auto_resume(cfg: RunConfig, resume: str | None) -> str | None:
+    """``--resume`` as given, or, with ``train.auto_resume``, ``""`` (output_dir's latest
+    checkpoint) when output_dir holds a complete one: a requeued job continues by itself."""
+    if resume is not None or not cfg.train.auto_resume:
+        return resume
+    found = latest_checkpoint(cfg.output_dir)
+    if found is None:
+        return None
+    if detect_placement().rank == 0:
+        print(f"rosa-ds: train.auto_resume: continuing from {found}", file=sys.stderr)
+    return ""
+
+
 def find_resume(output_dir: str, resume: str | None) -> Path | None:
     if resume is None:
         return None

@@ -31,7 +31,8 @@ from rosa_ds.evaluate import evaluate_all
 from rosa_ds.methods import Method, Progress, Run, Segment, build_method
 from rosa_ds.numerics import NonFiniteGuard, nonfinite_trainable
 from rosa_ds.precision import PrecisionChoice
-from rosa_ds.preflight import Prepared, prepare
+from rosa_ds.preemption import Preempted, StopRequest
+from rosa_ds.preflight import Prepared, auto_resume, prepare
 from rosa_ds.tracking import MetricsLog, quiet_libraries
 from rosa_ds.watchdog import Watchdog
 from rosa_ds.zero_params import local_numel
@@ -62,6 +63,8 @@ def optimizer_step(built: Built, prep: Prepared, sampler: GlobalBatchSampler, st
         loss = faults.corrupt_loss(engine(**batch).loss, step + 1)
         with faults.corrupt_gradient(built.model, step + 1):
             engine.backward(loss)
+        if indices is micro[0]:
+            faults.signal_if(built.placement.rank, step + 1)
         engine.step()
         total += float(loss.detach())
     return total / len(micro)
@@ -95,6 +98,7 @@ class Trainer:
         self.method = method or build_method(cfg, self.out)
         self.log: MetricsLog | None = None
         self.resumed_from = 0
+        self.stop = StopRequest([])  # train() installs the configured signals
 
     # --- one segment of optimizer steps ----------------------------------------------------
     def run_steps(self, run: Run, segment: Segment) -> None:
@@ -117,11 +121,15 @@ class Trainer:
         try:
             while progress.step < segment.end:
                 step_loss = optimizer_step(built, prep, sampler, progress.step)
-                (step_loss,) = all_reduce_sum([step_loss / p.world_size])
+                # the stop flag rides on the loss's all-reduce: a signal to any rank stops all
+                step_loss, stops = all_reduce_sum(
+                    [step_loss / p.world_size, float(self.stop.requested)]
+                )
                 losses.append(step_loss)
                 progress.step += 1
                 done = progress.step
                 faults.kill_if(p.rank, done)
+                faults.slow_if(done)
                 if guard.check(done, step_loss, engine.was_step_applied()):
                     self.skipped(progress, guard, step_loss)
                 lrs = dict(zip(built.group_names, engine.get_lr(), strict=True))
@@ -143,11 +151,34 @@ class Trainer:
                     self.log.log(done, phase=progress.phase, **mid)
                 method.after_step(run, segment)
                 every = cfg.train.save_every
+                if stops and segment.save:  # else (mask collection): at the next save point
+                    self.stop_here(run)
                 if segment.save and every and done % every == 0 and done < segment.end:
                     self.save(run)
         finally:
             bar.close()  # an error message then starts on a line of its own
         method.end_segment(run, segment)
+
+    def stop_agreed(self) -> bool:
+        """Did any rank receive a stop signal? (a collective: every rank calls it)"""
+        (stops,) = all_reduce_sum([float(self.stop.requested)])
+        return stops > 0
+
+    def stop_here(self, run: Run, folder: Path | None = None) -> None:
+        """Every rank: write the stop checkpoint (unless ``folder`` is one just written) and
+        leave with ``Preempted``."""
+        folder = folder or self.save(run)
+        self.log.log(run.progress.step, phase=run.progress.phase, preempted=1)
+        self.log.close()
+        why = (
+            f"{self.stop.signal_name} received {self.stop.seconds_since():.1f} s before"
+            if self.stop.requested
+            else "a stop signal reached another rank"
+        )
+        raise Preempted(
+            f"stopped after step {run.progress.step} ({why}): checkpoint {folder} written; "
+            "continue with --resume (or train.auto_resume=true)"
+        )
 
     def skipped(self, progress: Progress, guard: NonFiniteGuard, loss: float) -> None:
         done = progress.step
@@ -218,6 +249,8 @@ class Trainer:
                 progress.history["before"] = before
                 self.log.log(0, **before)
             if fresh_pass:  # the first state of a new pass is a checkpoint of its own
+                if self.stop_agreed():
+                    self.stop_here(run)
                 self.save(run)
             method.start_pass(run)
             for segment in method.segments(progress):
@@ -231,6 +264,8 @@ class Trainer:
         elapsed = time.time() - t0
         ckpt = self.save(run)
         method.final_adapter(run, self.out / "adapter")
+        if self.stop_agreed():  # the final evaluation is left to the resumed run
+            self.stop_here(run, ckpt)
         after, samples = evaluate_all(cfg, built, prep, with_metric=True)
         progress.history["after"] = after
         self.log.log(progress.step, **{f"final_{k}": v for k, v in after.items()})
@@ -273,6 +308,7 @@ class Trainer:
 
 def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
     """Run (or resume) a training job; returns the summary that rank 0 prints."""
+    resume = auto_resume(cfg, resume)
     resumed_config = Path(cfg.output_dir) / "config.yaml" if resume is not None else None
     cfg, choice = precision.resolve(cfg, resumed_config=resumed_config)
     prep = prepare(cfg, resume=resume, training=True)
@@ -289,10 +325,19 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
         cfg.deepspeed.heartbeat_timeout,
         resume_hint="continue from the last checkpoint with --resume",
     ).start()
+    trainer.stop = StopRequest(cfg.train.stop_signals, placement.rank, cfg.train.stop_timeout)
+    trainer.stop.install()
     try:
         summary = trainer.run(prep.resume_from)
+    except Preempted:
+        # every rank stops here at the same step: a clean end. The handlers stay: a launcher's
+        # late second signal must not kill a rank that is leaving with code 75 anyway
+        watchdog.finish()
+        raise
     except BaseException as exc:
+        trainer.stop.restore()
         watchdog.fail(exc)
         raise
+    trainer.stop.restore()
     watchdog.finish()
     return summary

@@ -46,6 +46,7 @@ LAYERS = {
         "faults",
         "tracking",
         "watchdog",
+        "preemption",
         "__init__",
     ],
 }

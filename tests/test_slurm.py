@@ -98,3 +98,58 @@ def test_hostfile_inside_an_allocation(cluster, tmp_path):
     text = Path(str(log).replace("%j", str(job))).read_text()
     assert info.get("JobState") == "COMPLETED", f"{info}\n{text}"
     assert text == f"{cluster.host} slots=2\n"
+
+
+@pytest.mark.parametrize(
+    ("template", "opts", "scancel"),
+    [
+        ("multi_node_srun.sbatch", ["--ntasks=2"], []),  # --signal=USR1@T reaches the ranks
+        ("single_node_deepspeed.sbatch", [], ["--batch"]),  # --signal=B:USR1@T, the shell
+    ],
+)
+def test_template_stops_on_the_warning_signal_requeues_and_finishes(
+    cluster, tmp_path, template, opts, scancel
+):
+    """The warning signal the templates ask SLURM for (sent here with scancel, as SLURM sends it
+    ahead of the time limit): the ranks checkpoint and exit with 75, the job requeues itself,
+    and the second start continues from the checkpoint to the end."""
+    out = tmp_path / "run"
+    log = tmp_path / "job-%j.out"
+    env = dict(_job_env(), ROSA_DS_FAULT=f"slow@1-{STEPS}")
+    job = cluster.sbatch(
+        [*opts, f"--output={log}", str(REPO / "slurm" / template), f"output_dir={out}"]
+        + TRAIN_ARGS,
+        env=env,
+        cwd=REPO,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        if any("loss" in json.loads(x) and json.loads(x)["step"] >= 1 for x in lines):
+            break
+        time.sleep(0.2)
+    t0 = time.time()
+    cluster._run(["scancel", "--signal=USR1", *scancel, str(job)])
+    while time.time() < deadline:
+        # SLURM holds a requeued job back (about two minutes) while the node cleans up after
+        # the first start: once the node is idle again, start it at once
+        info = cluster.job(job)
+        pending = info.get("Restarts") == "1" and info.get("JobState") == "PENDING"
+        if pending and cluster._node_idle():
+            time.sleep(5)
+            cluster._run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+            break
+        if info.get("JobState") in ("COMPLETED", "FAILED"):
+            break
+        time.sleep(0.5)
+    print(f"\n{template}: requeued {time.time() - t0:.1f} s after the signal")
+    info = cluster.wait(job, timeout=600)
+    print(f"{template}: finished {time.time() - t0:.1f} s after the signal")
+    text = Path(str(log).replace("%j", str(job))).read_text(errors="replace")
+    assert info.get("JobState") == "COMPLETED", f"{info}\n{text[-5000:]}\n{cluster.logs()}"
+    assert "requeueing job" in text and "rosa-ds: stopped after step" in text, text[-5000:]
+    assert int(info.get("Restarts", "0")) == 1, info
+    summary = json.loads((out / "summary.json").read_text())
+    assert 1 <= summary["resumed_from"] < STEPS, text[-3000:]
+    assert len(summary["losses"]) == STEPS and summary["world_size"] == 2
