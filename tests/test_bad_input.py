@@ -45,6 +45,10 @@ def _case(name: str, tmp: Path) -> tuple[list[str], dict[str, str], str]:
         return [*base, "train.max_steps=ten"], {}, "train.max_steps must be an integer"
     if name == "rank_zero":
         return [*base, "adapter.rank=0"], {}, "adapter.rank must be > 0"
+    if name == "stop_signal_unknown":
+        return [*base, "train.stop_signals=[SIGKILL]"], {}, "are not stop signals"
+    if name == "stop_timeout_negative":
+        return [*base, "train.stop_timeout=-1"], {}, "train.stop_timeout must be >= 0"
     if name == "negative_lr":
         return [*base, "train.lr=-1"], {}, "train.lr must be > 0"
     if name == "target_matches_nothing":
@@ -245,6 +249,8 @@ CASES = [
     "wrong_type",
     "rank_zero",
     "negative_lr",
+    "stop_signal_unknown",
+    "stop_timeout_negative",
     "target_matches_nothing",
     "model_missing",
     "dataset_missing",
