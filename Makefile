@@ -36,7 +36,7 @@ $(VENV)/.installed-core: setup.cfg pyproject.toml
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-core
-	$(PIP) install -q -e ".[test,kernels,quant,mpi,bench]"
+	$(PIP) install -q -e ".[test,kernels,quant,mpi,bench,trackers]"
 	touch $@
 
 demo: install-core

@@ -85,9 +85,10 @@ def run(argv: list[str] | None = None) -> int:
             print(dump_config(cfg), end="")
             return 0
         if args.command == "train":
+            from rosa_ds.plan import planned_peak_bytes
             from rosa_ds.train import train
 
-            summary = train(cfg, resume=args.resume)
+            summary = train(cfg, resume=args.resume, plan_peak=planned_peak_bytes)
             if _is_main_rank():
                 print_summary(summary)
         else:
@@ -134,6 +135,20 @@ def print_summary(s: dict) -> None:
             print(f"{key:<15} {before[key]:.4f} -> {after[key]:.4f}")
         else:
             print(f"{key:<15} {after[key]:.4f}")
+    tel = s.get("telemetry") or {}
+    if "median_tokens_per_second" in tel:
+        mfu = f"MFU {tel['median_mfu']:.1%}" if "median_mfu" in tel else "MFU n/a (no peak known)"
+        print(
+            f"throughput      {tel['median_tokens_per_second']:.0f} tokens/s "
+            f"({tel['median_label_tokens_per_second']:.0f} label tokens/s), "
+            f"{tel['median_step_seconds']:.3f} s/step, {mfu}"
+        )
+    peak = tel.get("peak_allocated_bytes") or tel.get("peak_rss_above_start_bytes")
+    if peak:
+        planned = tel.get("planned_peak_bytes")
+        plan_text = f" (planned {planned / 2**30:.2f} GiB)" if planned else ""
+        kind = "CUDA allocated" if "peak_allocated_bytes" in tel else "RSS growth"
+        print(f"peak memory     {peak / 2**30:.2f} GiB {kind} per rank{plan_text}")
     print(f"checkpoint      {s['checkpoint']}")
     peft = Path(s["adapter"]) / "peft"
     print(

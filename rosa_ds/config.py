@@ -22,6 +22,7 @@ import yaml
 
 from rosa_ds.errors import UserError
 from rosa_ds.preemption import SIGNAL_NAMES
+from rosa_ds.tracking import TRACKERS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -292,6 +293,21 @@ class TrainConfig:
         3,
         "Optimizer steps in a row with a non-finite loss or gradient that are skipped (no "
         "update) before the run stops with an error; 0 stops at the first.",
+    )
+    peak_tflops: float | None = _f(
+        None,
+        "Peak dense TFLOP/s of one device at the run's precision, for MFU; unset: from a table "
+        "of GPUs (H100, H200, A100, L40S, A10G, L4), and no MFU on a CPU.",
+    )
+    trackers: list[str] = _f(
+        ["tensorboard"],
+        "Where metrics go besides metrics.jsonl (always written): tensorboard, wandb, mlflow "
+        "(W&B and MLflow through accelerate's trackers; pip install wandb / mlflow-skinny). "
+        "W&B and MLflow read their usual environment (WANDB_MODE, WANDB_API_KEY, "
+        "MLFLOW_TRACKING_URI; without it MLflow writes to output_dir/mlruns).",
+    )
+    project: str = _f(
+        "rosa-ds", "W&B project and MLflow experiment; the run's name is output_dir's."
     )
     stop_signals: list[str] = _f(
         ["SIGTERM", "SIGUSR1"],
@@ -707,6 +723,12 @@ def _check_train(cfg: RunConfig) -> None:
         t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"
     )
     _require(t.max_bad_steps >= 0, f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}")
+    _require(
+        t.peak_tflops is None or t.peak_tflops > 0,
+        f"train.peak_tflops must be > 0 or unset, got {t.peak_tflops}",
+    )
+    bad = [name for name in t.trackers if name not in TRACKERS]
+    _require(not bad, f"train.trackers: {bad} unknown; use any of {list(TRACKERS)}")
     unknown = [s for s in t.stop_signals if s not in SIGNAL_NAMES]
     _require(
         not unknown,

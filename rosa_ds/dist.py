@@ -320,6 +320,17 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def all_reduce_max(values: list[float]) -> list[float]:
+    """The maximum of a few floats over ranks (a no-op on one process)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     import torch.distributed as dist
 

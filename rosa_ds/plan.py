@@ -790,6 +790,18 @@ def inputs_from_config(
     return PlanInputs(**values)
 
 
+def planned_peak_bytes(cfg: Any, world_size: int) -> float | None:
+    """The plan's peak memory per rank for a run config whose precision is resolved, on this
+    machine's kind of device; None where the planner cannot model the run's model."""
+    import torch
+
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    try:
+        return plan(inputs_from_config(cfg, gpus=world_size, device=device)).peak
+    except (UserError, KeyError, ValueError, OSError):
+        return None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="a preset (" + ", ".join(PRESETS) + "), a config.json "
                    "or a model folder; default: the run config's model")  # fmt: skip

@@ -37,6 +37,7 @@ from rosa_ds.ds_config import read_ds_config
 from rosa_ds.errors import UserError
 from rosa_ds.model import check_model, load_tokenizer
 from rosa_ds.quant.files import frozen_file_shapes
+from rosa_ds.tracking import check_trackers
 from rosa_ds.weight_files import has_safetensors
 
 
@@ -278,6 +279,7 @@ def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
         )
     resume_from = None
     if training:
+        check_trackers(cfg.train.trackers)
         check_output_dir(cfg.output_dir, resume is not None)
         resume_from = find_resume(cfg.output_dir, resume)
     read_ds_config(cfg.deepspeed.config)

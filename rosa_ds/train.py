@@ -9,10 +9,12 @@ steps the optimizer and the schedule at the accumulation boundary).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from rosa_ds.adapters.masks import masks_of
 from rosa_ds.checkpoint import load_checkpoint, read_state, save_checkpoint
 from rosa_ds.config import RunConfig, dump_config
 from rosa_ds.data.batching import GlobalBatchSampler, collate
-from rosa_ds.dist import all_reduce_sum, barrier, detect_placement, init_distributed
+from rosa_ds.dist import all_reduce_max, all_reduce_sum, barrier, detect_placement, init_distributed
 from rosa_ds.engine import Built, EngineOptions, build_engine
 from rosa_ds.errors import TrainingError
 from rosa_ds.evaluate import evaluate_all
@@ -33,6 +35,7 @@ from rosa_ds.numerics import NonFiniteGuard, nonfinite_trainable
 from rosa_ds.precision import PrecisionChoice
 from rosa_ds.preemption import Preempted, StopRequest
 from rosa_ds.preflight import Prepared, auto_resume, prepare
+from rosa_ds.telemetry import ModelFlops, StepMeter, peak_flops, peak_memory, rss_now
 from rosa_ds.tracking import MetricsLog, quiet_libraries
 from rosa_ds.watchdog import Watchdog
 from rosa_ds.zero_params import local_numel
@@ -50,15 +53,23 @@ def make_sampler(cfg: RunConfig, prep: Prepared, built: Built) -> GlobalBatchSam
     )
 
 
-def optimizer_step(built: Built, prep: Prepared, sampler: GlobalBatchSampler, step: int) -> float:
+def optimizer_step(
+    built: Built,
+    prep: Prepared,
+    sampler: GlobalBatchSampler,
+    step: int,
+    meter: StepMeter | None = None,
+) -> float:
     """One optimizer step: this rank's micro-batches of global batch ``step``, each a DeepSpeed
     backward + step (DeepSpeed steps the optimizer at the boundary). Returns this rank's mean
-    micro-batch loss."""
+    micro-batch loss; ``meter`` counts the tokens and FLOPs."""
     engine = built.engine
     micro = sampler.micro_batches(step)
     total = 0.0
     for indices in micro:
         batch = collate([prep.train_examples[i] for i in indices], built.tokenizer.pad_token_id)
+        if meter is not None:
+            meter.count(batch)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         loss = faults.corrupt_loss(engine(**batch).loss, step + 1)
         with faults.corrupt_gradient(built.model, step + 1):
@@ -99,6 +110,9 @@ class Trainer:
         self.log: MetricsLog | None = None
         self.resumed_from = 0
         self.stop = StopRequest([])  # train() installs the configured signals
+        self.meter: StepMeter | None = None  # tokens/s, MFU, memory; kept over the passes
+        self.planned_peak_bytes: float | None = None  # the planner's peak, for the summary
+        self.rss_start = 0.0  # the process before any model: libraries, data (CPU memory)
 
     # --- one segment of optimizer steps ----------------------------------------------------
     def run_steps(self, run: Run, segment: Segment) -> None:
@@ -116,11 +130,13 @@ class Trainer:
             dynamic_ncols=True,
         )
         guard = NonFiniteGuard(cfg.train.max_bad_steps)
+        meter = self.start_meter(built)
         engine.train()
         method.start_segment(run, segment)
         try:
             while progress.step < segment.end:
-                step_loss = optimizer_step(built, prep, sampler, progress.step)
+                step_loss = optimizer_step(built, prep, sampler, progress.step, meter)
+                meter.step_done()
                 # the stop flag rides on the loss's all-reduce: a signal to any rank stops all
                 step_loss, stops = all_reduce_sum(
                     [step_loss / p.world_size, float(self.stop.requested)]
@@ -135,9 +151,14 @@ class Trainer:
                 lrs = dict(zip(built.group_names, engine.get_lr(), strict=True))
                 lr = next(iter(lrs.values()))
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 if done % cfg.train.log_every == 0:
                     norm = engine.get_global_grad_norm()
+                    figures = self.measure(meter)
+                    bar.set_postfix(
+                        loss=f"{step_loss:.4f}",
+                        lr=f"{lr:.2e}",
+                        tok_s=f"{figures['tokens_per_second']:.0f}",
+                    )
                     self.log.log(
                         done,
                         phase=progress.phase,
@@ -145,19 +166,40 @@ class Trainer:
                         lr=lr,
                         **{f"lr_{role}": lrs[role] for role in built.group_names[1:]},
                         grad_norm=float(norm) if norm is not None else float("nan"),
+                        **figures,
                     )
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < segment.end:
-                    mid, _ = evaluate_all(cfg, built, prep, with_metric=False)
+                    with meter.paused():
+                        mid, _ = evaluate_all(cfg, built, prep, with_metric=False)
                     self.log.log(done, phase=progress.phase, **mid)
                 method.after_step(run, segment)
                 every = cfg.train.save_every
                 if stops and segment.save:  # else (mask collection): at the next save point
                     self.stop_here(run)
                 if segment.save and every and done % every == 0 and done < segment.end:
-                    self.save(run)
+                    with meter.paused():
+                        self.save(run)
         finally:
             bar.close()  # an error message then starts on a line of its own
         method.end_segment(run, segment)
+
+    def start_meter(self, built: Built) -> StepMeter:
+        """The meter for a segment: FLOPs from this pass's model (masks attached or not)."""
+        flops = ModelFlops.of(built.model)
+        if self.meter is None:
+            peak = peak_flops(self.cfg.train.precision, self.cfg.train.peak_tflops)
+            self.meter = StepMeter(flops, peak, built.placement.world_size)
+        self.meter.flops = flops
+        self.meter.restart()
+        return self.meter
+
+    def measure(self, meter: StepMeter) -> dict[str, float]:
+        """The logged interval's throughput, MFU and peak memory over every rank (a collective:
+        every rank calls it at the same steps)."""
+        summed = all_reduce_sum(meter.local())
+        memory = peak_memory()
+        maxed = all_reduce_max(list(memory.values()))
+        return meter.report(summed, dict(zip(memory, maxed, strict=True)))
 
     def stop_agreed(self) -> bool:
         """Did any rank receive a stop signal? (a collective: every rank calls it)"""
@@ -230,7 +272,11 @@ class Trainer:
             progress = Progress(state.get("phase", "train"), state["step"], state["history"])
         method.resume(progress, resume_from)
         main = detect_placement().rank == 0
-        self.log = MetricsLog(self.out, enabled=main)
+        self.rss_start = rss_now()
+        t = cfg.train
+        self.log = MetricsLog(
+            self.out, main, t.trackers, t.project, dataclasses.asdict(cfg) if main else None
+        )
         steps_per_epoch = len(prep.train_examples) // cfg.train.global_batch_size
         fresh_pass = False
         t0 = time.time()
@@ -272,6 +318,20 @@ class Trainer:
         self.log.close()
         return self.summary(built, progress, ckpt, elapsed, samples)
 
+    def telemetry_summary(self) -> dict[str, Any]:
+        """The medians of the logged steps, the peak memory and, where the planner modelled the
+        run, its peak beside the measured one (this run's steps only, after a resume). A
+        collective: every rank calls it."""
+        out = self.meter.summary() if self.meter is not None else {}
+        measured = out.get("peak_allocated_bytes")
+        if "peak_rss_bytes" in out:  # on a CPU what the run added to the process, as planned
+            (start,) = all_reduce_max([self.rss_start])
+            measured = out["peak_rss_above_start_bytes"] = out["peak_rss_bytes"] - start
+        out["planned_peak_bytes"] = self.planned_peak_bytes
+        if measured and self.planned_peak_bytes:
+            out["measured_over_planned"] = measured / self.planned_peak_bytes
+        return out
+
     def summary(
         self, built: Built, progress: Progress, ckpt: Path, elapsed: float, samples: list
     ) -> dict[str, Any]:
@@ -293,6 +353,7 @@ class Trainer:
             "loss_last": losses[-1] if losses else None,
             "losses": losses,
             "skipped_steps": h.get("skipped_steps", []),
+            "telemetry": self.telemetry_summary(),
             **self.method.summary(progress),
             "before": h.get("before"),
             "after": h.get("after"),
@@ -306,8 +367,14 @@ class Trainer:
         return summary
 
 
-def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
-    """Run (or resume) a training job; returns the summary that rank 0 prints."""
+def train(
+    cfg: RunConfig,
+    resume: str | None = None,
+    plan_peak: Callable[[RunConfig, int], float | None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a training job; returns the summary that rank 0 prints. ``plan_peak``
+    (the command line passes the planner's) gives the planned peak memory per rank of the
+    resolved config at a world size, compared with the measured peak in the summary."""
     resume = auto_resume(cfg, resume)
     resumed_config = Path(cfg.output_dir) / "config.yaml" if resume is not None else None
     cfg, choice = precision.resolve(cfg, resumed_config=resumed_config)
@@ -317,6 +384,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
     trainer.resumed_from = read_state(prep.resume_from)["step"] if prep.resume_from else 0
     placement = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.comm_timeout_minutes)
     precision.check_ranks_agree(choice)
+    if plan_peak is not None:
+        trainer.planned_peak_bytes = plan_peak(cfg, placement.world_size)
     if placement.rank == 0:
         precision.announce(choice, cfg)
     watchdog = Watchdog(

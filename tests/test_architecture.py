@@ -18,7 +18,7 @@ PACKAGE = REPO / "rosa_ds"
 # Layer of every module, top (0) to bottom; a module may import its own layer or lower ones.
 LAYERS = {
     0: ["cli", "env_report", "plan", "export"],  # the face: commands
-    1: ["train", "evaluate"],  # the training loop and evaluation
+    1: ["train", "evaluate", "telemetry"],  # the training loop and evaluation
     2: ["methods"],  # one class per method
     3: [
         "engine",
@@ -63,6 +63,8 @@ HEAVY_OR_OPTIONAL = {
     "tokenizers",
     "peft",
     "matplotlib",
+    "mlflow",  # optional trackers
+    "wandb",
     "torch",  # only in the modules the command line loads before it knows the command
     "torch.utils.tensorboard",  # optional: metrics go to JSONL without it
 }

@@ -47,6 +47,8 @@ def _case(name: str, tmp: Path) -> tuple[list[str], dict[str, str], str]:
         return [*base, "adapter.rank=0"], {}, "adapter.rank must be > 0"
     if name == "stop_signal_unknown":
         return [*base, "train.stop_signals=[SIGKILL]"], {}, "are not stop signals"
+    if name == "tracker_unknown":
+        return [*base, "train.trackers=[neptune]"], {}, "train.trackers: ['neptune'] unknown"
     if name == "stop_timeout_negative":
         return [*base, "train.stop_timeout=-1"], {}, "train.stop_timeout must be >= 0"
     if name == "negative_lr":
@@ -251,6 +253,7 @@ CASES = [
     "negative_lr",
     "stop_signal_unknown",
     "stop_timeout_negative",
+    "tracker_unknown",
     "target_matches_nothing",
     "model_missing",
     "dataset_missing",
