@@ -122,6 +122,10 @@ def run(argv: list[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def print_summary(s: dict) -> None:
     before, after = s.get("before") or {}, s.get("after") or {}
     print(
@@ -146,9 +150,9 @@ def print_summary(s: dict) -> None:
     peak = tel.get("peak_allocated_bytes") or tel.get("peak_rss_above_start_bytes")
     if peak:
         planned = tel.get("planned_peak_bytes")
-        plan_text = f" (planned {planned / 2**30:.2f} GiB)" if planned else ""
+        plan_text = f" (planned {_size(planned)})" if planned else ""
         kind = "CUDA allocated" if "peak_allocated_bytes" in tel else "RSS growth"
-        print(f"peak memory     {peak / 2**30:.2f} GiB {kind} per rank{plan_text}")
+        print(f"peak memory     {_size(peak)} {kind} per rank{plan_text}")
     print(f"checkpoint      {s['checkpoint']}")
     peft = Path(s["adapter"]) / "peft"
     print(
