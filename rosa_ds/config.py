@@ -678,13 +678,6 @@ def _check_robust(cfg: RunConfig) -> None:
             "adapter.rank > 0 (a sparse-only run discards its warm-up LoRA); use restart",
         )
         _require(r.warmup_rank > 0, "adapter.robust.warmup_rank must be > 0")
-    if a.sparse:
-        _require(
-            not cfg.model.gradient_checkpointing,
-            "robust adaptation with "
-            "model.gradient_checkpointing is not supported yet (recomputation would count "
-            "gradients twice); set model.gradient_checkpointing=false",
-        )
     if a.sparse and r.mask_file is None and r.after_mask == "continue":
         # restart: the warm-up is a pass of its own and max_steps counts the main pass alone
         _require(

@@ -386,6 +386,22 @@ def _saved_per_layer_token(inp: PlanInputs, rank: int) -> float:
     return per
 
 
+def _collector_inputs(inp: PlanInputs) -> float:
+    """Bytes the mask collector keeps with checkpointing on: its hooks hold each adapted
+    layer's input until the backward reaches it (q/k/v share one input, gate/up another), which
+    recomputation would otherwise have freed. Without checkpointing autograd keeps them anyway."""
+    if not inp.checkpointing:
+        return 0.0
+    m, tg = inp.model, set(inp.targets)
+    per = (m.hidden if tg & {"q_proj", "k_proj", "v_proj"} else 0) + (
+        m.heads * m.d_head if "o_proj" in tg else 0
+    )
+    per += (m.hidden if tg & {"gate_proj", "up_proj"} else 0) + (
+        m.intermediate if "down_proj" in tg else 0
+    )
+    return float(inp.tokens * m.layers * inp.act_bytes * per)
+
+
 def activation_bytes(inp: PlanInputs, rank: int | None = None) -> tuple[float, float, float]:
     """(saved by the decoder layers, saved in all, peak) for one micro-batch."""
     m, a, t = inp.model, inp.act_bytes, inp.tokens
@@ -562,6 +578,8 @@ def plan(inp: PlanInputs) -> Breakdown:
         wrank = inp.rank or inp.warmup_rank
         w = _state(inp, wrank, 0.0)
         w_layers, _, w_peak = activation_bytes(inp, rank=wrank)
+        held = _collector_inputs(inp)  # what recomputation cannot free while collecting
+        w_layers, w_peak = w_layers + held, w_peak + held
         acc = 4 * m.layers * sum(math.ceil(o * i / n) for o, i in mats)
         g_transient = 4 * max_mn * (2 + (1 + 1 / n if n > 1 else 0))
         w_persist = w["frozen"] + w["trainable"] + w["optimizer"]

@@ -10,7 +10,9 @@ Every row trains 6 steps with checkpoints at 3 and 6 (one process, ZeRO-2), and:
 - resumes exactly: continued from the step-3 checkpoint, it ends with the same losses;
 - exports and reloads: the merged Hugging Face model scores the run's final held-out loss;
 - evaluates: ``rosa-ds eval`` on the run's adapter scores the run's final held-out loss;
-- 2 ranks equal 1 process: the same run at 2 ranks has the same losses.
+- 2 ranks equal 1 process: the same run at 2 ranks has the same losses;
+- checkpointing changes nothing: with ``model.gradient_checkpointing`` the losses are the same
+  (RoSA's mask collection included: recomputation counts no gradient twice).
 """
 
 from __future__ import annotations
@@ -119,3 +121,11 @@ def test_two_ranks_equal_one_process(row, trained, tmp_path):
     assert two["losses"] == pytest.approx(summary["losses"], rel=row.ranks_rtol, abs=1e-5)
     after, want = two["after"]["eval_loss"], summary["after"]["eval_loss"]
     assert after == pytest.approx(want, rel=row.ranks_rtol)
+
+
+def test_gradient_checkpointing_changes_no_loss(row, trained, tmp_path):
+    _, summary = trained(row)
+    ckpt = train_ok(row.args(tmp_path / "run", "model.gradient_checkpointing=true"))
+    assert ckpt["losses"] == pytest.approx(summary["losses"], rel=1e-5, abs=1e-6)
+    if "mask_nnz" in summary:
+        assert ckpt["warmup_losses"] == pytest.approx(summary["warmup_losses"], rel=1e-5)

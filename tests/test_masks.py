@@ -137,3 +137,28 @@ def test_sharded_top_k_equals_single_process_with_ties(tmp_path):
         k = int(key.rsplit("/", 1)[1])
         assert len(want) == min(k, int(key.split("/")[0])), key
         assert got == want, key
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_counts_each_micro_batch_once(tiny_model_path, reentrant):
+    """With activation checkpointing (either of torch's implementations) the collector's
+    statistic equals the one collected without it: the recomputed forward adds nothing."""
+
+    def collect(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model, batches = _model_and_batches(tiny_model_path)
+        cfg = AdapterConfig(rank=4, density=0.05, robust=RobustConfig(grad_stat="mean_squared"))
+        inject_adapters(model, cfg)
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        model.train()
+        collector = GradientCollector(model, cfg)
+        collector.start()
+        for ids in batches:
+            model(input_ids=ids, labels=ids).loss.backward()
+        collector.stop()
+        return collector.acc
+
+    plain, recomputed = collect(False), collect(True)
+    assert plain.keys() == recomputed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=0)

@@ -8,6 +8,7 @@ from tests.method_contract import (  # noqa: F401  (the shared tests, run for th
     Row,
     test_evaluates,
     test_exports_and_reloads,
+    test_gradient_checkpointing_changes_no_loss,
     test_resumes_exactly,
     test_trains,
     test_two_ranks_equal_one_process,

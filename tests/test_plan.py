@@ -383,3 +383,18 @@ def test_measurement_sees_what_autograd_keeps():
     inp = PlanInputs(model=shape, rank=8, precision="fp32", seq_len=96, device="cpu")
     _, _, peak = activation_bytes(inp)
     assert abs(peak / rise - 1) < 0.05, (peak, rise)
+
+
+def test_mask_phase_with_checkpointing_counts_the_inputs_the_collector_holds():
+    """Checkpointing frees each layer's activations, but the collector's hooks keep every
+    adapted layer's input until backward: q/k/v share h, o q_dim, gate/up share h, down i."""
+    from rosa_ds.plan import _collector_inputs
+
+    m = PRESETS["llama2-7b"]
+    base = dict(model=m, rank=8, density=0.01, seq_len=1024, micro_batch=2)
+    on = PlanInputs(**base, checkpointing=True)
+    per = m.hidden + m.heads * m.d_head + m.hidden + m.intermediate
+    assert _collector_inputs(on) == 2 * 1024 * m.layers * 2 * per
+    assert _collector_inputs(PlanInputs(**base)) == 0
+    bd_on, bd_ref = plan(on), plan(PlanInputs(**base, checkpointing=True, mask_phase=False))
+    assert bd_on.mask_peak >= bd_ref.train_peak + _collector_inputs(on) - 1
