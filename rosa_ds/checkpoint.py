@@ -176,9 +176,6 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-FROZEN_FILE = "frozen.safetensors"
-
-
 def load_checkpoint(engine: Any, folder: Path) -> dict[str, Any]:
     """Restore the engine, this rank's RNG, and return the trainer state."""
     if not load_elastic(engine, folder):  # True: written by another world size, re-sharded

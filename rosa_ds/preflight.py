@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from rosa_ds.adapters.inject import adapted_modules, inject_adapters
 from rosa_ds.adapters.masks import check_masks, load_masks, module_density
+from rosa_ds.adapters.subspace_io import frozen_files
 from rosa_ds.checkpoint import (
-    FROZEN_FILE,
     MASK_FILE,
     checkpoint_root,
     incomplete_checkpoints,
@@ -233,9 +233,12 @@ def check_checkpoint_fits(folder: Path, skeleton: Any, cfg: RunConfig) -> None:
                 )
     if phase == "train" and (folder / MASK_FILE).is_file():
         check_masks(load_masks(folder / MASK_FILE), skeleton, cfg.adapter)
-    if (folder / FROZEN_FILE).is_file():
-        shapes = _safetensors_shapes(folder / FROZEN_FILE, "frozen-weight file", broken)
-        shapes.update(frozen_file_shapes(folder / FROZEN_FILE))  # 4-bit records: their matrix
+    frozen = frozen_files(folder)
+    if frozen:
+        shapes = {}
+        for path in frozen:
+            shapes.update(_safetensors_shapes(path, "frozen-weight file", broken))
+            shapes.update(frozen_file_shapes(path))  # 4-bit records: their matrix's shape
         for name, m in modules.items():
             if shapes.get(name) != (m.out_features, m.in_features):
                 raise UserError(

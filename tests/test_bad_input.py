@@ -209,7 +209,9 @@ def _case(name: str, tmp: Path) -> tuple[list[str], dict[str, str], str]:
             (ckpt / "adapter" / "adapter.json").write_text(json.dumps(meta))
             return [*base, "--resume"], {}, "was written with adapter rank"
         if name == "resume_truncated_frozen":
-            (ckpt / "frozen.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+            (ckpt / "frozen-00000-of-00001.safetensors").write_bytes(
+                b"\x08\x00\x00\x00\x00\x00\x00\x00{}"
+            )
             sub = ["train", "--config", "tiny-subspace", out, "--resume"]
             return sub, {}, "frozen-weight file"
         if name == "resume_incomplete_dir":

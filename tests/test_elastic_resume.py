@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rosa_ds.checkpoint import FROZEN_FILE, LATEST, MASK_FILE, checkpoint_root, tag_for
+from rosa_ds.adapters.subspace_io import frozen_files, load_frozen_tensors
+from rosa_ds.checkpoint import LATEST, MASK_FILE, checkpoint_root, tag_for
 from tests.helpers import LORA_REFERENCE, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -128,9 +129,44 @@ def test_subspace_frozen_weights_survive_1_to_2_zero2(tmp_path):
     """ROSA: the checkpoint holds rewritten frozen weights (a resample at step 0) and the run
     resamples again after the resume (step 5), on 2 ranks instead of 1."""
     full, resumed, full_dir, res_dir = _elastic(tmp_path, "tiny-subspace", "zero2", 1, 2)
-    assert (checkpoint_root(full_dir) / tag_for(CUT) / FROZEN_FILE).is_file()
-    a = load_file(str(checkpoint_root(res_dir) / tag_for(STEPS) / FROZEN_FILE))
-    b = load_file(str(checkpoint_root(full_dir) / tag_for(STEPS) / FROZEN_FILE))
+    assert len(frozen_files(checkpoint_root(full_dir) / tag_for(CUT))) == 1  # 1 rank: 1 shard
+    assert len(frozen_files(checkpoint_root(res_dir) / tag_for(STEPS))) == 2  # 2 ranks: 2
+    a = load_frozen_tensors(checkpoint_root(res_dir) / tag_for(STEPS))
+    b = load_frozen_tensors(checkpoint_root(full_dir) / tag_for(STEPS))
     assert a.keys() == b.keys() and a
     for key in a:  # rewritten again at step 5, after the resume
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+
+
+def test_subspace_frozen_weights_are_written_in_shards_and_read_at_another_size(tmp_path):
+    """ROSA at 2 ranks, ZeRO-3 (frozen weights partitioned): each rank writes its own share of
+    the rewritten matrices (disjoint, together every adapted matrix, each about half of the
+    bytes), and a 1-rank resume reads both shards and continues the uninterrupted run."""
+    from rosa_ds.adapters.inject import adapted_modules, inject_adapters
+    from rosa_ds.config import load_config
+
+    full, resumed, full_dir, res_dir = _elastic(tmp_path, "tiny-subspace", "zero3", 2, 1)
+    shards = frozen_files(checkpoint_root(full_dir) / tag_for(CUT))
+    assert [p.name for p in shards] == [
+        "frozen-00000-of-00002.safetensors",
+        "frozen-00001-of-00002.safetensors",
+    ]
+    keys = [set(load_file(str(p))) for p in shards]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rosa_ds.model import resolve_model_path
+
+    cfg = load_config("tiny-subspace")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(resolve_model_path(cfg.model))
+        )
+        inject_adapters(model, cfg.adapter)
+    assert keys[0] | keys[1] == set(adapted_modules(model))
+    sizes = [p.stat().st_size for p in shards]
+    largest = max(
+        t.numel() * t.element_size() for t in load_frozen_tensors(shards[0].parent).values()
+    )
+    assert max(sizes) <= sum(sizes) / 2 + largest + 4096  # + one matrix and the file header
+    print(f"frozen-weight bytes per rank at 2 ranks: {sizes} (one file of {sum(sizes)} before)")

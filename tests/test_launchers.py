@@ -233,3 +233,36 @@ def test_slurm_environment_test_leaves_no_rank_variables():
     ... in this process: they must be gone, or a later in-process run on this worker would take
     itself for rank 5 of 8."""
     assert os.environ.get("WORLD_SIZE") != "8" and os.environ.get("RANK") != "5"
+
+
+def test_gpu_check_without_a_gpu_says_so_and_exits_0():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the script would run its checks")
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA GPU" in proc.stdout and proc.stdout.splitlines()[-1] == "gpu_check=skipped"
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_reports_every_method(tmp_path):
+    """The same pipeline on the tiny model and the CPU: every method's figures, none failed."""
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=child_env(OUT=str(tmp_path)),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith("gpu_check=done") and "FAIL" not in last, proc.stdout[-3000:]
+    for name in ("lora", "rosa", "subspace", "qlora"):
+        assert f"{name}_tok_s=" in last and f"{name}_mem_vs_plan=" in last, last

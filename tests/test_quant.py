@@ -305,11 +305,10 @@ def test_one_process_training_lowers_loss_resume_and_export(tmp_path):
         e["rel_total"] for e in s["requant_errors"]
     ]
     ckpt = out / "checkpoints" / "step-000005"
-    from safetensors import safe_open
+    from rosa_ds.adapters.subspace_io import load_frozen_tensors
 
-    with safe_open(str(ckpt / "frozen.safetensors"), framework="pt") as f:
-        key = "model.layers.0.self_attn.q_proj.qweight"
-        assert f.get_tensor(key).dtype == torch.uint8
+    records = load_frozen_tensors(ckpt)
+    assert records["model.layers.0.self_attn.q_proj.qweight"].dtype == torch.uint8
     # resume from step 5: the rewritten records come back and the losses continue identically
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)

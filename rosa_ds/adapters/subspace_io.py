@@ -1,9 +1,13 @@
 """Files of subspace adaptation: the frozen weights that resampling rewrote, and the adapter.
 
 After a resample the frozen weight is ``W_fixed``, no longer the base model's, so checkpoints
-carry ``frozen.safetensors`` (the adapted matrices in their stored form, gathered one at a time:
-plain weights in the training dtype as ``<name>``, 4-bit records as ``<name>.qweight`` with their
-spec in the metadata). The adapter written at the end of a run is the update accumulated since
+carry the adapted matrices in their stored form (plain weights in the training dtype as
+``<name>``, 4-bit records as ``<name>.qweight`` with their spec in the metadata), sharded: matrix
+``i`` (in name order) belongs to rank ``i mod N``, which gathers it and writes it into
+``frozen-<rank>-of-<N>.safetensors``, so every rank writes about 1/N of the bytes at once and
+holds at most its share plus the one matrix being gathered. Reading works at any world size
+(matrix ``i`` is read by rank ``i mod M`` and scattered), and a single ``frozen.safetensors``
+(older checkpoints) is read the same way. The adapter written at the end of a run is the update accumulated since
 the start, ``W_fixed + s B A - W_0``, which can have a rank far above ``r``: it is stored
 factorized at its numerical rank (at most ``2 r (resamples + 1)``, the rank it can reach in exact
 arithmetic) as ``delta_B @ delta_A``. With 4-bit frozen weights that update also holds the
@@ -36,11 +40,56 @@ RECORDS = ".qweight"  # the key suffix of 4-bit records
 FROZEN_IN_ADAPTER = "frozen.safetensors"
 
 
-def write_frozen_weights(model: nn.Module, path: Path) -> None:
-    """Every rank calls this; rank 0 writes the adapted frozen weights in their stored form."""
-    gathered = gather_frozen_weights(model)
-    if gathered is not None:
-        save_file(gathered[0], str(path), metadata=gathered[1])
+SHARD_GLOB = "frozen-*-of-*.safetensors"
+
+
+def shard_file(rank: int, world: int) -> str:
+    return f"frozen-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def frozen_files(folder: Path) -> list[Path]:
+    """A checkpoint's frozen-weight files: its shards, or the single file of older ones."""
+    shards = sorted(folder.glob(SHARD_GLOB))
+    if shards:
+        return shards
+    return [folder / FROZEN_IN_ADAPTER] if (folder / FROZEN_IN_ADAPTER).is_file() else []
+
+
+def write_frozen_shards(model: nn.Module, folder: Path) -> int:
+    """Every rank calls this: each adapted frozen weight is gathered onto its owner (matrix
+    ``i`` onto rank ``i mod N``), and every rank writes its share. Returns the bytes this rank
+    wrote."""
+    rank, world = rank_world()
+    tensors, specs = {}, {}
+    for i, (name, module) in enumerate(sorted(adapted_modules(model).items())):
+        frozen, mine = module.frozen, i % world == rank
+        stored = frozen.read_stored(keep=mine)
+        if mine:
+            spec = frozen.stored_spec()
+            tensors[name + (RECORDS if spec else "")] = stored.contiguous()
+            if spec:
+                specs[name] = spec
+    save_file(tensors, str(folder / shard_file(rank, world)), {"quant_specs": json.dumps(specs)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _file_of_each(files: list[Path]) -> dict[str, Path]:
+    """Matrix name -> the file holding it (keys only: nothing is read)."""
+    where = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                where[key.removesuffix(RECORDS)] = path
+    return where
+
+
+def load_frozen_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every stored tensor of a checkpoint's frozen-weight files, by key (for tools and tests)."""
+    out = {}
+    for path in frozen_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118
+    return out
 
 
 def gather_frozen_weights(
@@ -84,18 +133,21 @@ def read_stored_dense(folder: Path, name: str, shape: tuple[int, int]) -> torch.
     return DenseFrozen(linear).adopt(tensor, spec, where).float()
 
 
-def read_frozen_weights(model: nn.Module, path: Path) -> None:
-    """Every rank calls this: rank 0 reads the file and turns each entry into this run's stored
-    form (dequantizing or quantizing when a run is resumed with other ``quant.bits``), then
-    the weights are scattered to the shards."""
-    rank, _ = rank_world()
-    handle = safe_open(str(path), framework="pt") if rank == 0 else None
-    for name, module in sorted(adapted_modules(model).items()):
-        frozen, value = module.frozen, None
-        if rank == 0:
-            tensor, spec = _stored_entry(handle, name, path)
+def read_frozen_weights(model: nn.Module, folder: Path) -> None:
+    """Every rank calls this: matrix ``i`` is read by rank ``i mod M`` (whatever world size
+    wrote the files), turned into this run's stored form (dequantized or quantized when a run
+    is resumed with other ``quant.bits``) and scattered to the shards."""
+    rank, world = rank_world()
+    files = frozen_files(folder)
+    where = _file_of_each(files)
+    for i, (name, module) in enumerate(sorted(adapted_modules(model).items())):
+        frozen, value, reader = module.frozen, None, i % world
+        if rank == reader:
+            path = where.get(name, files[0])  # missing: _stored_entry names the problem
+            with safe_open(str(path), framework="pt") as handle:
+                tensor, spec = _stored_entry(handle, name, path)
             value = frozen.adopt(tensor, spec, f"{path}: {name}")
-        frozen.write_stored(value, owner=0)
+        frozen.write_stored(value, owner=reader)
 
 
 def write_subspace_adapter(

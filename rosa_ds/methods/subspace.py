@@ -14,11 +14,11 @@ from typing import Any
 
 from rosa_ds.adapters.resample import resample_all
 from rosa_ds.adapters.subspace_io import (
+    frozen_files,
     read_frozen_weights,
-    write_frozen_weights,
+    write_frozen_shards,
     write_subspace_adapter,
 )
-from rosa_ds.checkpoint import FROZEN_FILE
 from rosa_ds.engine import EngineOptions
 from rosa_ds.methods.base import TRAIN, Method, Progress, Run, Segment
 from rosa_ds.zero_params import reset_optimizer_group
@@ -79,8 +79,8 @@ class Subspace(Method):
         if self.rewarm is not None and state.steps:
             self.rewarm.since = state.steps[-1]
             run.built.engine.lr_scheduler.refresh()
-        if (folder / FROZEN_FILE).is_file():
-            read_frozen_weights(run.built.model, folder / FROZEN_FILE)
+        if frozen_files(folder):
+            read_frozen_weights(run.built.model, folder)
 
     def start_pass(self, run: Run) -> None:
         super().start_pass(run)
@@ -136,7 +136,7 @@ class Subspace(Method):
 
     def checkpoint_extras(self, run: Run, folder: Path) -> None:
         if self.resampled(run.progress):  # W_fixed is not the base model's weight any more
-            write_frozen_weights(run.built.model, folder / FROZEN_FILE)
+            write_frozen_shards(run.built.model, folder)
         else:
             super().checkpoint_extras(run, folder)
 
