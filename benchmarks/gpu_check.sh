@@ -88,9 +88,15 @@ print(
 )
 EOF
 }
-FIGURES+=("$(run_method lora "$LORA" adapter.rank=16)")
-FIGURES+=("$(run_method rosa "$ROBUST" adapter.robust.mask_warmup_steps=2)")
-FIGURES+=("$(run_method subspace "$SUBSPACE" adapter.resample_every=4)")
-FIGURES+=("$(run_method qlora "$LORA" adapter.rank=16 quant.bits=4)")
+METHODS="${GPU_CHECK_METHODS:-lora rosa subspace qlora}"  # a subset: GPU_CHECK_METHODS=lora
+for m in $METHODS; do
+    case $m in
+        lora) FIGURES+=("$(run_method lora "$LORA" adapter.rank=16)") ;;
+        rosa) FIGURES+=("$(run_method rosa "$ROBUST" adapter.robust.mask_warmup_steps=2)") ;;
+        subspace) FIGURES+=("$(run_method subspace "$SUBSPACE" adapter.resample_every=4)") ;;
+        qlora) FIGURES+=("$(run_method qlora "$LORA" adapter.rank=16 quant.bits=4)") ;;
+        *) echo "gpu_check: unknown method $m in GPU_CHECK_METHODS" >&2 ;;
+    esac
+done
 for f in "${FIGURES[@]}"; do echo "gpu_check: $f"; done
 echo "gpu_check=done out=$OUT ${FIGURES[*]}"

@@ -26,8 +26,9 @@ ROWS = [
         "hybrid",
         "tiny-subspace",
         ("adapter.resample_every=2", "adapter.density=0.05", WARM),
+        checkpointing=True,
     ),
-    Row("full", "full", "tiny-full"),
+    Row("full", "full", "tiny-full", checkpointing=True),
 ]
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,13 @@ from tests.method_contract import (  # noqa: F401  (the shared tests, run for th
 Q4 = "quant.bits=4"
 ROWS = [
     Row("qlora", "lora", "tiny-lora", (Q4,)),
-    Row("qrobust", "robust", "tiny-robust", (Q4, "adapter.robust.mask_warmup_steps=2")),
+    Row(
+        "qrobust",
+        "robust",
+        "tiny-robust",
+        (Q4, "adapter.robust.mask_warmup_steps=2"),
+        checkpointing=True,
+    ),
     # each resample re-quantizes W_fixed: a last-bit difference between 1 and 2 ranks can move
     # a weight to the next 4-bit level, so the curves agree less closely (measured: 1.3e-4)
     Row("qsubspace", "subspace", "tiny-subspace", (Q4, "adapter.resample_every=2"), 1e-3),
