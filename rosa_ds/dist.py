@@ -309,26 +309,24 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few floats over ranks (a no-op on one process)."""
+def _all_reduce(values: list[float], op: str) -> list[float]:
     import torch
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=comm_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.cpu().tolist()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few floats over ranks (a no-op on one process)."""
+    return _all_reduce(values, "SUM")
 
 
 def all_reduce_max(values: list[float]) -> list[float]:
     """The maximum of a few floats over ranks (a no-op on one process)."""
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.cpu().tolist()
+    return _all_reduce(values, "MAX")
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -129,6 +129,25 @@ def start_ranks(cmd: list[str], nproc: int = 2, **env: str) -> list[subprocess.P
     ]
 
 
+def wait_for_logged_step(
+    output_dir: Path, step: int, procs: list[subprocess.Popen] = (), timeout: float = 300
+) -> None:
+    """Wait until a live run's metrics.jsonl logs training step ``step`` or a later one (to
+    signal it mid-run); fail if one of ``procs`` ends first or the time runs out."""
+    import time
+
+    metrics = Path(output_dir) / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        if any("loss" in (r := json.loads(x)) and r["step"] >= step for x in lines):
+            return
+        for proc in procs:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    raise AssertionError(f"{metrics} logged no step {step} within {timeout:.0f} s")
+
+
 def run_probe(script: str, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
     """Run a script of tests/probes as ``nproc`` ranks (torchrun) or one plain process."""
     path = str(REPO / "tests" / "probes" / script)

@@ -18,7 +18,15 @@ from safetensors.torch import load_file
 
 from rosa_ds.checkpoint import incomplete_checkpoints, latest_checkpoint, read_state
 from rosa_ds.preemption import PREEMPTED_EXIT_CODE, StopRequest
-from tests.helpers import LORA_REFERENCE, REPO, child_env, launch, start_ranks, train_ok
+from tests.helpers import (
+    LORA_REFERENCE,
+    REPO,
+    child_env,
+    launch,
+    start_ranks,
+    train_ok,
+    wait_for_logged_step,
+)
 
 # --- units ------------------------------------------------------------------------------------
 
@@ -109,14 +117,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resume_matc
     args = [*LORA_REFERENCE, "deepspeed.config=zero2", f"output_dir={out}"]
     cmd = [sys.executable, "-m", "rosa_ds.cli", "train", *args]
     procs = start_ranks(cmd, ROSA_DS_FAULT="slow@1-8")
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        lines = metrics.read_text().splitlines() if metrics.is_file() else []
-        if any("loss" in json.loads(x) and json.loads(x)["step"] >= 2 for x in lines):
-            break
-        assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
-        time.sleep(0.1)
+    wait_for_logged_step(out, 2, procs)
     sent = time.monotonic()
     procs[1].send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=120) for p in procs]

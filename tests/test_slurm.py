@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rosa_ds.checkpoint import checkpoint_root, latest_checkpoint, tag_for
-from tests.helpers import REPO, child_env
+from tests.helpers import REPO, child_env, wait_for_logged_step
 from tests.slurm_cluster import ClusterError, LocalSlurm
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -122,14 +122,9 @@ def test_template_stops_on_the_warning_signal_requeues_and_finishes(
         env=env,
         cwd=REPO,
     )
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        lines = metrics.read_text().splitlines() if metrics.is_file() else []
-        if any("loss" in json.loads(x) and json.loads(x)["step"] >= 1 for x in lines):
-            break
-        time.sleep(0.2)
+    wait_for_logged_step(out, 1)
     t0 = time.time()
+    deadline = t0 + 300
     cluster._run(["scancel", "--signal=USR1", *scancel, str(job)])
     while time.time() < deadline:
         # SLURM holds a requeued job back (about two minutes) while the node cleans up after

@@ -7,8 +7,8 @@ carry the adapted matrices in their stored form (plain weights in the training d
 ``frozen-<rank>-of-<N>.safetensors``, so every rank writes about 1/N of the bytes at once and
 holds at most its share plus the one matrix being gathered. Reading works at any world size
 (matrix ``i`` is read by rank ``i mod M`` and scattered), and a single ``frozen.safetensors``
-(older checkpoints) is read the same way. The adapter written at the end of a run is the update accumulated since
-the start, ``W_fixed + s B A - W_0``, which can have a rank far above ``r``: it is stored
+(older checkpoints) is read the same way. The adapter written at the end of a run is the
+update accumulated since the start, ``W_fixed + s B A - W_0``, which can have a rank far above ``r``: it is stored
 factorized at its numerical rank (at most ``2 r (resamples + 1)``, the rank it can reach in exact
 arithmetic) as ``delta_B @ delta_A``. With 4-bit frozen weights that update also holds the
 re-quantization error of every resample, which has full rank, so the factorized update cannot
@@ -55,10 +55,9 @@ def frozen_files(folder: Path) -> list[Path]:
     return [folder / FROZEN_IN_ADAPTER] if (folder / FROZEN_IN_ADAPTER).is_file() else []
 
 
-def write_frozen_shards(model: nn.Module, folder: Path) -> int:
+def write_frozen_shards(model: nn.Module, folder: Path) -> None:
     """Every rank calls this: each adapted frozen weight is gathered onto its owner (matrix
-    ``i`` onto rank ``i mod N``), and every rank writes its share. Returns the bytes this rank
-    wrote."""
+    ``i`` onto rank ``i mod N``), and every rank writes its share."""
     rank, world = rank_world()
     tensors, specs = {}, {}
     for i, (name, module) in enumerate(sorted(adapted_modules(model).items())):
@@ -70,7 +69,6 @@ def write_frozen_shards(model: nn.Module, folder: Path) -> int:
             if spec:
                 specs[name] = spec
     save_file(tensors, str(folder / shard_file(rank, world)), {"quant_specs": json.dumps(specs)})
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _file_of_each(files: list[Path]) -> dict[str, Path]:
