@@ -52,6 +52,20 @@ class StopRequest:
                 return self
         return self
 
+    def ignore_from_now(self) -> None:
+        """A rank leaving with ``PREEMPTED_EXIT_CODE`` ignores further stop signals and SIGTERM.
+
+        A launcher that sees one rank exit first terminates the others (``srun
+        --kill-on-bad-exit``), and they are still tearing down. A Python handler does not cover
+        that: the interpreter resets Python handlers to the default, killing one, while it
+        finalizes, so the rank would end by SIGTERM (143) and the job would not requeue. An
+        ignored signal stays ignored to the end; SIGKILL still ends the process."""
+        if not self._previous:
+            return  # install() left the signals alone (not the main thread): so does this
+        for signum in {getattr(signal, name) for name in self.names} | {signal.SIGTERM}:
+            signal.signal(signum, signal.SIG_IGN)
+        self._previous.clear()
+
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

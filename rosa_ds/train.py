@@ -399,8 +399,9 @@ def train(
     try:
         summary = trainer.run(prep.resume_from)
     except Preempted:
-        # every rank stops here at the same step: a clean end. The handlers stay: a launcher's
-        # late second signal must not kill a rank that is leaving with code 75 anyway
+        # every rank stops here at the same step: a clean end. A launcher's late SIGTERM (or a
+        # second stop signal) must not kill a rank that is leaving with code 75 anyway
+        trainer.stop.ignore_from_now()
         watchdog.finish()
         raise
     except BaseException as exc:

@@ -47,6 +47,31 @@ def test_stop_request_records_the_first_signal_and_ignores_the_second():
     assert signal.getsignal(signal.SIGUSR2) is previous
 
 
+def test_a_rank_leaving_with_the_preempted_code_survives_a_sigterm_during_teardown():
+    """srun ends the other ranks of a step with SIGTERM when the first one exits; a rank still
+    finalizing then must exit with 75, not 143 (the interpreter drops Python handlers while it
+    finalizes, so the SIGTERM here arrives from an object destroyed at that point)."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from rosa_ds.preemption import StopRequest\n"
+        "stop = StopRequest(['SIGUSR1']).install()\n"
+        "if sys.argv[1] == 'leave': stop.ignore_from_now()\n"
+        "class Late:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(0.2)\n"
+        "late = Late()\n"
+        "sys.exit(75)\n"
+    )
+    codes = {
+        arg: subprocess.run(
+            [sys.executable, "-c", script, arg], env=child_env(), timeout=60
+        ).returncode
+        for arg in ("leave", "keep")
+    }
+    assert codes == {"leave": PREEMPTED_EXIT_CODE, "keep": -signal.SIGTERM}
+
+
 def test_a_stop_that_takes_longer_than_the_timeout_exits_with_the_preempted_code():
     script = (
         "import os, signal, time\n"
