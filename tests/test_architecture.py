@@ -47,6 +47,7 @@ LAYERS = {
         "tracking",
         "watchdog",
         "preemption",
+        "startup",
         "__init__",
     ],
 }

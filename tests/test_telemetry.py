@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from rosa_ds.telemetry import ModelFlops, StepMeter, batch_counts
-from tests.helpers import LORA_REFERENCE, train_ok
+from tests.helpers import LORA_REFERENCE, child_env, train_ok
 
 
 def _tiny_adapted(rank: int, density: float = 0.0):
@@ -133,6 +135,22 @@ def test_two_rank_run_logs_the_global_batch_tokens_mfu_and_peak_memory(tmp_path)
     assert run.data.params["train.max_steps"] == str(t.max_steps)
     logged = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
     assert logged == pytest.approx(summary["losses"], rel=1e-6)
+
+
+def test_deepspeed_imports_without_mlflow_and_mlflow_still_imports_after():
+    """The autotuner's eager ``import mlflow`` costs every rank over a second at start-up."""
+    pytest.importorskip("mlflow")
+    probe = (
+        "import sys, rosa_ds, deepspeed, deepspeed.autotuning.autotuner as tuner\n"
+        "print('mlflow' in sys.modules, tuner.has_mlflow)\n"
+        "import mlflow\n"
+        "print(hasattr(mlflow, 'MlflowClient'))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=child_env(), timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "False", "True"]
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_naming_the_install(monkeypatch):
