@@ -1,6 +1,7 @@
 """The project's own sbatch templates on a real one-node SLURM cluster (slurm-wlm + munge on
 loopback, started and stopped by tests/slurm_cluster.py): 2 ranks of `tiny-lora` through srun,
-and through the deepspeed launcher inside one task. Skipped, with the reason, where no cluster
+and through the deepspeed launcher inside one task, each stopped by its warning signal, requeued
+and finished. Skipped, with the reason, where no cluster
 can be started (SLURM not installed, not root)."""
 
 from __future__ import annotations
@@ -43,49 +44,6 @@ def _job_env() -> dict[str, str]:
     return env
 
 
-def _submit(cluster: LocalSlurm, tmp_path: Path, template: str, sbatch_opts: list[str]):
-    out = tmp_path / "run"
-    log = tmp_path / "job-%j.out"
-    t0 = time.time()
-    job = cluster.sbatch(
-        [*sbatch_opts, f"--output={log}", str(REPO / "slurm" / template), f"output_dir={out}"]
-        + TRAIN_ARGS,
-        env=_job_env(),
-        cwd=REPO,
-    )
-    info = cluster.wait(job, timeout=600)
-    text = Path(str(log).replace("%j", str(job))).read_text(errors="replace")
-    ckpt = latest_checkpoint(out)
-    print(
-        f"\nslurm {template}: job {job} state={info.get('JobState')} "
-        f"exit={info.get('ExitCode')} elapsed={info.get('RunTime')} "
-        f"wall={time.time() - t0:.1f}s checkpoint={ckpt}"
-    )
-    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (
-        f"{info}\n--- job output\n{text[-5000:]}\n{cluster.logs()[-3000:]}"
-    )
-    assert ckpt == checkpoint_root(out) / tag_for(STEPS), text[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    return summary, text
-
-
-def test_srun_template_two_tasks_cpu(cluster, tmp_path):
-    """slurm/multi_node_srun.sbatch, 2 tasks: each task finds rank/world/master from SLURM."""
-    summary, text = _submit(cluster, tmp_path, "multi_node_srun.sbatch", ["--ntasks=2"])
-    assert summary["world_size"] == 2, text[-3000:]
-    assert len(summary["losses"]) == STEPS
-    assert "DS_ACCELERATOR=cpu" in text  # the template saw no GPU and chose the CPU
-    assert "2 rank(s) on 1 node(s) through srun" in text
-
-
-def test_deepspeed_template_one_task_two_ranks_cpu(cluster, tmp_path):
-    """slurm/single_node_deepspeed.sbatch: one task, the deepspeed launcher starts 2 ranks."""
-    summary, text = _submit(cluster, tmp_path, "single_node_deepspeed.sbatch", [])
-    assert summary["world_size"] == 2, text[-3000:]
-    assert len(summary["losses"]) == STEPS
-    assert "2 rank(s) through the deepspeed launcher" in text
-
-
 def test_hostfile_inside_an_allocation(cluster, tmp_path):
     """python -m launcher.hostfile in a 2-task job: the node, 2 slots (SLURM_TASKS_PER_NODE)."""
     log = tmp_path / "hostfile-%j.out"
@@ -101,18 +59,26 @@ def test_hostfile_inside_an_allocation(cluster, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("template", "opts", "scancel"),
+    ("template", "opts", "scancel", "placement"),
     [
-        ("multi_node_srun.sbatch", ["--ntasks=2"], []),  # --signal=USR1@T reaches the ranks
-        ("single_node_deepspeed.sbatch", [], ["--batch"]),  # --signal=B:USR1@T, the shell
+        # 2 tasks, each finds rank/world/master from SLURM; --signal=USR1@T reaches the ranks
+        ("multi_node_srun.sbatch", ["--ntasks=2"], [], "2 rank(s) on 1 node(s) through srun"),
+        # one task, the deepspeed launcher starts 2 ranks; --signal=B:USR1@T reaches the shell
+        (
+            "single_node_deepspeed.sbatch",
+            [],
+            ["--batch"],
+            "2 rank(s) through the deepspeed launcher",
+        ),
     ],
 )
 def test_template_stops_on_the_warning_signal_requeues_and_finishes(
-    cluster, tmp_path, template, opts, scancel
+    cluster, tmp_path, template, opts, scancel, placement
 ):
-    """The warning signal the templates ask SLURM for (sent here with scancel, as SLURM sends it
-    ahead of the time limit): the ranks checkpoint and exit with 75, the job requeues itself,
-    and the second start continues from the checkpoint to the end."""
+    """A template's 2-rank job on the CPU, stopped by the warning signal the template asks SLURM
+    for (sent here with scancel, as SLURM sends it ahead of the time limit): the ranks
+    checkpoint and exit with 75, the job requeues itself, and the second start continues from
+    the checkpoint to the end."""
     out = tmp_path / "run"
     log = tmp_path / "job-%j.out"
     env = dict(_job_env(), ROSA_DS_FAULT=f"slow@1-{STEPS}")
@@ -145,6 +111,9 @@ def test_template_stops_on_the_warning_signal_requeues_and_finishes(
     assert info.get("JobState") == "COMPLETED", f"{info}\n{text[-5000:]}\n{cluster.logs()}"
     assert "requeueing job" in text and "rosa-ds: stopped after step" in text, text[-5000:]
     assert int(info.get("Restarts", "0")) == 1, info
+    assert "DS_ACCELERATOR=cpu" in text  # the template saw no GPU and chose the CPU
+    assert placement in text, text[-3000:]
+    assert latest_checkpoint(out) == checkpoint_root(out) / tag_for(STEPS), text[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert 1 <= summary["resumed_from"] < STEPS, text[-3000:]
     assert len(summary["losses"]) == STEPS and summary["world_size"] == 2
