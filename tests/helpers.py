@@ -39,6 +39,8 @@ LORA_REFERENCE = [
     "train.lr=1e-2",
     "eval.num_generate=0",
 ]
+# A prompt from the arithmetic task, for comparing logits of two forms of one model.
+PROMPT = "Ava has 3 apples and buys 4 more."
 
 
 def free_port() -> int:
@@ -146,6 +148,38 @@ def wait_for_logged_step(
             assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.1)
     raise AssertionError(f"{metrics} logged no step {step} within {timeout:.0f} s")
+
+
+def export_run(run: Path, out: Path | None = None) -> Path:
+    """``rosa-ds export --run RUN`` (to ``out`` if given); the folder holding ``merged``."""
+    args = ["export", "--run", str(run), *(["--out", str(out)] if out else [])]
+    proc = launch(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out or Path(run) / "export"
+
+
+def merged_eval_loss(merged: Path, config: str, overrides: tuple[str, ...], tmp: Path) -> float:
+    """The held-out loss of a merged model loaded by transformers alone (no adapter code),
+    computed in this process on the config's held-out split as ``rosa-ds eval`` computes it."""
+    from transformers import AutoModelForCausalLM
+
+    from rosa_ds.config import load_config
+    from rosa_ds.evaluate import heldout_loss
+    from rosa_ds.preflight import prepare
+
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    cfg = load_config(config, [*overrides, f"output_dir={tmp}"])
+    prep = prepare(cfg, resume=None, training=False)
+    result = heldout_loss(
+        model,
+        prep.eval_examples,
+        cfg.train.micro_batch_size,
+        prep.tokenizer.pad_token_id,
+        0,
+        1,
+        cfg.eval.max_loss_examples,
+    )
+    return result["eval_loss"]
 
 
 def run_probe(script: str, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:

@@ -8,8 +8,11 @@ method means adding a row (``tests/test_methods.py``, and ``tests/test_methods_4
 Every row trains 6 steps with checkpoints at 3 and 6 (one process, ZeRO-2), and:
 - trains: the run is the method it names (adapter file, summary) and lowers the held-out loss;
 - resumes exactly: continued from the step-3 checkpoint, it ends with the same losses;
-- exports and reloads: the merged Hugging Face model scores the run's final held-out loss;
-- evaluates: ``rosa-ds eval`` on the run's adapter scores the run's final held-out loss;
+- exports and reloads: the merged Hugging Face model, loaded by transformers alone, scores the
+  run's final held-out loss (and, for the sparse methods, has the adapted model's logits,
+  which differ without the sparse part);
+- evaluates: ``rosa-ds eval`` on the run's adapter scores the run's final held-out loss, with
+  the adapter's own rank and alpha whatever the config says;
 - 2 ranks equal 1 process: the same run at 2 ranks has the same losses;
 - checkpointing changes nothing: with ``model.gradient_checkpointing`` the losses are the same
   (RoSA's mask collection included: recomputation counts no gradient twice); checked on the
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import launch, train_ok
+from tests.helpers import PROMPT, export_run, launch, merged_eval_loss, train_ok
 
 COMMON = (
     "train.max_steps=6",
@@ -67,10 +70,13 @@ def trained(tmp_path_factory) -> Callable[[Row], tuple[Path, dict]]:
     return get
 
 
-def _eval_loss(args: list[str]) -> float:
+def _eval_loss(args: list[str], adapter: Path | None = None) -> float:
     proc = launch(["eval", *args, "eval.num_generate=0"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout[proc.stdout.index("{") :])["eval_loss"]
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
+    if adapter is not None:
+        assert result["adapter"] == str(adapter)
+    return result["eval_loss"]
 
 
 def test_trains(row, trained):
@@ -100,19 +106,44 @@ def test_resumes_exactly(row, trained, tmp_path):
 
 def test_exports_and_reloads(row, trained, tmp_path):
     out, summary = trained(row)
-    export = tmp_path / "export"
-    proc = launch(["export", "--run", str(out), "--out", str(export)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    merged = str(export / "merged")
-    loss = _eval_loss(
-        ["--config", row.config, f"output_dir={tmp_path / 'e'}", f"model.name_or_path={merged}"]
-    )
+    merged = export_run(out, tmp_path / "export") / "merged"
+    loss = merged_eval_loss(merged, row.config, row.overrides, tmp_path / "e")
     assert loss == pytest.approx(summary["after"]["eval_loss"], abs=1e-4)
+    if row.method in ("sparse", "robust"):
+        _assert_the_sparse_part_is_in_the_merge(out, merged)
+
+
+def _assert_the_sparse_part_is_in_the_merge(run: Path, merged: Path) -> None:
+    """The merged logits are the adapted model's, which differ without the sparse values; PEFT,
+    which has no sparse adapters, gets no folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rosa_ds.adapted_model import load_adapted_model
+    from rosa_ds.adapters.inject import adapted_modules
+
+    model, tok, _ = load_adapted_model(run / "adapter")
+    assert not (run / "adapter" / "peft").exists()
+    sparse = [m for m in adapted_modules(model).values() if m.sparse_values is not None]
+    assert sparse and all(m.sparse_values.abs().sum() > 0 for m in sparse)
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+        for m in sparse:
+            m.sparse_values.zero_()
+        no_sparse = model(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert (no_sparse - ref).abs().max() > 1e-4
 
 
 def test_evaluates(row, trained):
+    """``rosa-ds eval`` rebuilds the adapter from its adapter.json (and masks), whatever the
+    config says about rank and alpha, and scores the run's final held-out loss."""
     out, summary = trained(row)
-    loss = _eval_loss(["--config", row.config, *row.overrides, f"output_dir={out}"])
+    misleading = () if row.method == "full" else ("adapter.rank=3", "adapter.alpha=1")
+    args = ["--config", row.config, *row.overrides, *misleading, f"output_dir={out}"]
+    loss = _eval_loss(args, adapter=out / "adapter")
     assert loss == pytest.approx(summary["after"]["eval_loss"], abs=1e-4)
 
 

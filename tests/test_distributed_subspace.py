@@ -12,20 +12,27 @@ import pytest
 import torch
 
 from rosa_ds.checkpoint import LATEST, checkpoint_root, tag_for
-from tests.helpers import launch, run_probe, train_ok
+from tests.helpers import export_run, merged_eval_loss, run_probe, train_ok
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
+# RoSA + ROSA: the resample of the low-rank part, with a sparse part beside it that it must
+# leave alone (its mask collected at once, no warm-up)
+HYBRID = ["adapter.density=0.05", "adapter.robust.mask_warmup_steps=0"]
+
+
 def _probe(tmp_path_factory, nproc: int, zero: str) -> dict:
     out = tmp_path_factory.mktemp(f"probe{nproc}{zero}") / "probe.pt"
-    proc = run_probe("resample_probe.py", [str(out), f"deepspeed.config={zero}"], nproc=nproc)
+    args = [str(out), f"deepspeed.config={zero}", *HYBRID]
+    proc = run_probe("resample_probe.py", args, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
 
 
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory) -> dict:
+    """One resample of a hybrid run in one process and at 2 ranks under ZeRO-2 and ZeRO-3."""
     return {
         (n, z): _probe(tmp_path_factory, n, z)
         for n, z in [(1, "zero2"), (2, "zero2"), (2, "zero3")]
@@ -74,21 +81,11 @@ def test_two_ranks_resample_like_one_process(probes, key):
         torch.testing.assert_close(two["weights"][k], one["weights"][k], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_hybrid_resample_keeps_the_sparse_part(zero, tmp_path_factory):
-    """RoSA + ROSA: only the low-rank part is resampled; the sparse values and their Adam
-    state stay as they were (they live in a parameter group of their own)."""
-    out = tmp_path_factory.mktemp(f"hybrid{zero}") / "probe.pt"
-    args = [
-        str(out),
-        f"deepspeed.config={zero}",
-        "adapter.density=0.05",
-        "adapter.robust.mask_warmup_steps=0",
-    ]
-    proc = run_probe("resample_probe.py", args, nproc=2)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    d = torch.load(out, weights_only=False)
-    torch.testing.assert_close(d["after"], d["before"], atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("key", [(1, "zero2"), (2, "zero2"), (2, "zero3")])
+def test_hybrid_resample_keeps_the_sparse_part(probes, key):
+    """Only the low-rank part is resampled; the sparse values and their Adam state stay as
+    they were (they live in a parameter group of their own)."""
+    d = probes[key]
     assert d["sparse_before"] and d["sparse_before"].keys() == d["sparse_after"].keys()
     assert sum(float(v.abs().sum()) for v in d["sparse_before"].values()) > 0
     for k, v in d["sparse_before"].items():
@@ -138,31 +135,13 @@ def test_resume_across_a_resample_continues_identically(zero3_run, tmp_path):
     assert state["history"]["resample"]["steps"] == [0, 3, 6, 9]
 
 
-def _merged_eval_loss(out, config: str, tmp_path) -> float:
-    from transformers import AutoModelForCausalLM
-
-    from rosa_ds.config import load_config
-    from rosa_ds.evaluate import heldout_loss
-    from rosa_ds.preflight import prepare
-
-    proc = launch(["export", "--run", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    merged = AutoModelForCausalLM.from_pretrained(out / "export" / "merged")
-    cfg = load_config(config, [f"output_dir={tmp_path}"])
-    prep = prepare(cfg, resume=None, training=False)
-    result = heldout_loss(
-        merged, prep.eval_examples, 2, prep.tokenizer.pad_token_id, 0, 1, cfg.eval.max_loss_examples
-    )
-    return result["eval_loss"]
-
-
 def test_subspace_export_carries_the_accumulated_update(zero3_run, tmp_path):
     out, summary = zero3_run
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     assert meta["method"] == "subspace" and meta["resamples"] == 4
     # the update since the start has a rank above r: the subspace moved
     assert max(meta["delta_ranks"].values()) > meta["rank"]
-    loss = _merged_eval_loss(out, "tiny-subspace", tmp_path)
+    loss = merged_eval_loss(export_run(out) / "merged", "tiny-subspace", (), tmp_path)
     assert loss == pytest.approx(summary["after"]["eval_loss"], abs=1e-4)
 
 
@@ -187,5 +166,5 @@ def test_hybrid_run_trains_resamples_and_exports(tmp_path):
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     assert meta["method"] == "hybrid" and meta["sparse_modules"] and meta["resamples"] == 3
     assert "delta_ranks" in meta
-    loss = _merged_eval_loss(out, "tiny-robust", tmp_path / "cfg")
+    loss = merged_eval_loss(export_run(out) / "merged", "tiny-robust", (), tmp_path / "cfg")
     assert loss == pytest.approx(summary["after"]["eval_loss"], abs=1e-4)

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from rosa_ds.export import load_adapted_model
-from tests.helpers import child_env, launch, train_ok
+from tests.helpers import PROMPT, child_env, launch, train_ok
 
 pytestmark = pytest.mark.slow
-PROMPT = "Ava has 3 apples and buys 4 more."
 
 
 @pytest.fixture(scope="module")
@@ -84,65 +83,3 @@ def test_peft_export_loads_in_peft(exported, tiny_model_path):
     with torch.no_grad():
         got = model(torch.tensor([ids])).logits
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_eval_command_reproduces_the_final_evaluation(exported):
-    """`rosa-ds eval` on the saved adapter gives the loss the run measured at its end."""
-    summary = json.loads((exported / "summary.json").read_text())
-    proc = launch(
-        ["eval", "--config", "tiny-lora", f"output_dir={exported}", "eval.num_generate=0"]
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout[proc.stdout.index("{") :])
-    assert result["adapter"] == str(exported / "adapter")
-    assert abs(result["eval_loss"] - summary["after"]["eval_loss"]) < 1e-4
-    assert result["eval_loss"] < summary["before"]["eval_loss"] - 1e-3
-
-
-@pytest.mark.parametrize("rank", [8, 0])
-def test_robust_export_merges_the_sparse_part(tmp_path, rank):
-    """RoSA (rank 8) and sparse-only SpA (rank 0) export the sparse part into the merge."""
-    from transformers import AutoModelForCausalLM
-
-    from rosa_ds.adapters.inject import adapted_modules
-
-    out = tmp_path / "run"
-    train_ok(
-        [
-            "--config",
-            "tiny-robust",
-            f"output_dir={out}",
-            "train.max_steps=6",
-            "adapter.robust.mask_warmup_steps=2",
-            "train.lr=2e-2",
-            "eval.num_generate=0",
-            f"adapter.rank={rank}",
-        ]
-    )
-    proc = launch(["export", "--run", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    model, tok, meta = load_adapted_model(out / "adapter")
-    assert meta["method"] == ("robust" if rank else "sparse") and meta["sparse_nnz"] > 0
-    assert not (out / "adapter" / "peft").exists()  # PEFT has no sparse adapters
-    sparse = [m for m in adapted_modules(model).values() if m.sparse_values is not None]
-    assert sparse and all(m.sparse_values.abs().sum() > 0 for m in sparse)
-    ids = torch.tensor([tok(PROMPT)["input_ids"]])
-    merged = AutoModelForCausalLM.from_pretrained(out / "export" / "merged")
-    with torch.no_grad():
-        ref = model(ids).logits
-        got = merged(ids).logits
-        for m in sparse:  # without the sparse part the logits differ
-            m.sparse_values.zero_()
-        no_sparse = model(ids).logits
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    assert (no_sparse - ref).abs().max() > 1e-4
-    # `rosa-ds eval` rebuilds the adapter from its adapter.json and masks, whatever the config
-    # says about rank and alpha, and reproduces the run's final loss
-    summary = json.loads((out / "summary.json").read_text())
-    proc = launch(
-        ["eval", "--config", "tiny-robust", f"output_dir={out}", "eval.num_generate=0"]
-        + ["adapter.rank=3", "adapter.alpha=1"]
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout[proc.stdout.index("{") :])
-    assert abs(result["eval_loss"] - summary["after"]["eval_loss"]) < 1e-4
