@@ -153,15 +153,16 @@ def _start_ranks(out: Path, fault: str, timeout: float, args: list[str]) -> list
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("lost", [1, 0])
-def test_killed_rank_stops_the_other_and_resume_matches(lost, tmp_path, reference_run):
+@pytest.mark.parametrize(("lost", "resume"), [(1, True), (0, False)])
+def test_killed_rank_stops_the_other_and_resume_matches(lost, resume, tmp_path, reference_run):
     """SIGKILL one of 2 ranks after step 5: the survivor exits non-zero within the heartbeat
-    timeout (10 s here, 30 by default) plus 30 s, naming the lost rank, and a resume from the
-    step-4 checkpoint ends with the losses of the uninterrupted run."""
+    timeout (5 s here, 30 by default) plus 30 s, naming the lost rank, and (checked once, the
+    same after either loss) a resume from the step-4 checkpoint ends with the losses of the
+    uninterrupted run."""
     _, whole = reference_run("zero2", 2)
     args = [*LORA_REFERENCE, "deepspeed.config=zero2"]
     out = tmp_path / "run"
-    timeout = 10
+    timeout = 5
     procs = _start_ranks(out, f"kill:rank{lost}@5", timeout, args)
     survivor = procs[1 - lost]
     procs[lost].communicate(timeout=600)
@@ -175,6 +176,8 @@ def test_killed_rank_stops_the_other_and_resume_matches(lost, tmp_path, referenc
     message = [line for line in err.splitlines() if line.startswith("rosa-ds: error:")]
     assert message and f"rank {lost}" in message[-1], err[-2000:]
     assert "--resume" in message[-1]
+    if not resume:
+        return
     resumed = train_ok([*args, f"output_dir={out}", "--resume"], nproc=2, launcher="torchrun")
     assert resumed["resumed_from"] == 4
     assert resumed["losses"] == pytest.approx(whole["losses"], rel=1e-5, abs=1e-6)
