@@ -47,10 +47,13 @@ def test_zero2_two_ranks_deepspeed_launcher_loss_decreases(tmp_path):
 
 
 def test_mpirun_two_ranks_match_one_process(single_run, tmp_path):
-    """mpirun -n 2 (rank discovery through MPI) trains exactly like one process."""
+    """mpirun -n 2 where rosa-ds sees none of the rank variables it knows: mpi4py finds the
+    ranks, and the 2 ranks train exactly like one process."""
     out = tmp_path / "run"
     summary = train_ok(
-        [*COMMON, f"output_dir={out}", "deepspeed.config=zero2"], nproc=2, launcher="mpirun"
+        [*COMMON, f"output_dir={out}", "deepspeed.config=zero2"],
+        nproc=2,
+        launcher="mpirun-hidden-vars",
     )
     assert summary["world_size"] == 2
     torch.testing.assert_close(

@@ -1,7 +1,7 @@
 """Elastic resume: a checkpoint written by 2 ranks resumes on 1 and the reverse, with the next
 losses of the uninterrupted run (optimizer state included), under ZeRO-2 and ZeRO-3 (and from a
 ZeRO-2 checkpoint into ZeRO-3); the robust adapters' masks and subspace adaptation's rewritten
-frozen weights survive it."""
+frozen weights (both in one RoSA + ROSA run) survive it."""
 
 from __future__ import annotations
 
@@ -61,18 +61,19 @@ def _elastic(
     ranks: int,
     resume_zero: str | None = None,
     reference_run=None,
+    extra: tuple[str, ...] = (),
 ) -> tuple:
     """Uninterrupted run on ``saved`` ranks (for tiny-lora the session's shared one), then the
     same run cut at step CUT and resumed on ``ranks`` ranks (with ``resume_zero``, another
-    DeepSpeed config); returns (full summary, resumed summary, full dir, resumed dir)."""
+    DeepSpeed config), ``extra`` overrides for both; returns (full summary, resumed summary, full dir, resumed dir)."""
     if reference_run is not None:
         full_dir, full = reference_run(zero, saved)
     else:
         full_dir = tmp_path / "full"
-        full, _ = _train(_args(config, full_dir, zero), saved)
+        full, _ = _train(_args(config, full_dir, zero, *extra), saved)
     res_dir = tmp_path / "resumed"
     _cut_back(full_dir, res_dir)
-    resumed, err = _train([*_args(config, res_dir, resume_zero or zero), "--resume"], ranks)
+    resumed, err = _train([*_args(config, res_dir, resume_zero or zero, *extra), "--resume"], ranks)
     assert f"written by {saved} rank(s)" in err and f"on {ranks} rank(s)" in err, err[-3000:]
     assert "optimizer state re-sharded" in err
     assert resumed["resumed_from"] == CUT and resumed["world_size"] == ranks
@@ -104,18 +105,24 @@ def test_lora_resumes_at_another_world_size(tmp_path, zero, saved, resumed, refe
     _elastic(tmp_path, "tiny-lora", zero, saved, resumed, reference_run=reference_run)
 
 
+# RoSA + ROSA in one run: masks (sparse values of odd sizes, so ZeRO-3 shards are padded) and
+# rewritten frozen weights (a resample at the start, and again at step 5, after the resume)
+HYBRID = ("adapter.density=0.05", "adapter.robust.mask_warmup_steps=2")
+
+
 @pytest.mark.parametrize(
     "zero, saved, ranks, resume_zero",
     [("zero3", 2, 1, None), ("zero2", 1, 2, "zero3")],
     ids=["zero3-2-1", "zero2-1-to-zero3-2"],
 )
-def test_robust_masks_survive(tmp_path, zero, saved, ranks, resume_zero):
-    """RoSA: sparse values of odd sizes, so ZeRO-3 shards are padded (read from 2 ranks, or
-    written onto 2 ranks from a ZeRO-2 checkpoint of 1)."""
+def test_masks_and_frozen_weights_survive(tmp_path, zero, saved, ranks, resume_zero):
+    """The masks read from 2 ranks, or written onto 2 from a ZeRO-2 checkpoint of 1, are the
+    uninterrupted run's; so are the frozen weights the resumed run rewrites after the resume,
+    written as one shard per rank and read at the other size."""
     _, resumed, full_dir, res_dir = _elastic(
-        tmp_path, "tiny-robust", zero, saved, ranks, resume_zero
+        tmp_path, "tiny-subspace", zero, saved, ranks, resume_zero, extra=HYBRID
     )
-    assert resumed["mask_nnz"] > 0
+    assert resumed["mask_nnz"] > 0 and resumed["resamples"] >= 2
     for folder in (full_dir, res_dir):
         assert (checkpoint_root(folder) / tag_for(STEPS) / MASK_FILE).is_file()
     a = load_file(str(checkpoint_root(res_dir) / tag_for(STEPS) / MASK_FILE))
@@ -123,40 +130,33 @@ def test_robust_masks_survive(tmp_path, zero, saved, ranks, resume_zero):
     assert a.keys() == b.keys() and a
     for key in a:
         assert torch.equal(a[key], b[key]), key
-
-
-def test_subspace_frozen_weights_survive_1_to_2_zero2(tmp_path):
-    """ROSA: the checkpoint holds rewritten frozen weights (a resample at step 0) and the run
-    resamples again after the resume (step 5), on 2 ranks instead of 1."""
-    full, resumed, full_dir, res_dir = _elastic(tmp_path, "tiny-subspace", "zero2", 1, 2)
-    assert len(frozen_files(checkpoint_root(full_dir) / tag_for(CUT))) == 1  # 1 rank: 1 shard
-    assert len(frozen_files(checkpoint_root(res_dir) / tag_for(STEPS))) == 2  # 2 ranks: 2
+    assert len(frozen_files(checkpoint_root(full_dir) / tag_for(CUT))) == saved  # a shard each
+    assert len(frozen_files(checkpoint_root(res_dir) / tag_for(STEPS))) == ranks
     a = load_frozen_tensors(checkpoint_root(res_dir) / tag_for(STEPS))
     b = load_frozen_tensors(checkpoint_root(full_dir) / tag_for(STEPS))
     assert a.keys() == b.keys() and a
-    for key in a:  # rewritten again at step 5, after the resume
+    for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+    if saved == 2:
+        _assert_each_rank_wrote_its_share(checkpoint_root(full_dir) / tag_for(CUT))
 
 
-def test_subspace_frozen_weights_are_written_in_shards_and_read_at_another_size(tmp_path):
-    """ROSA at 2 ranks, ZeRO-3 (frozen weights partitioned): each rank writes its own share of
-    the rewritten matrices (disjoint, together every adapted matrix, each about half of the
-    bytes), and a 1-rank resume reads both shards and continues the uninterrupted run."""
+def _assert_each_rank_wrote_its_share(checkpoint: Path) -> None:
+    """ZeRO-3 partitions the frozen weights: each of 2 ranks writes its own share of the
+    rewritten matrices (disjoint, together every adapted matrix, each about half the bytes)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from rosa_ds.adapters.inject import adapted_modules, inject_adapters
     from rosa_ds.config import load_config
+    from rosa_ds.model import resolve_model_path
 
-    full, resumed, full_dir, res_dir = _elastic(tmp_path, "tiny-subspace", "zero3", 2, 1)
-    shards = frozen_files(checkpoint_root(full_dir) / tag_for(CUT))
+    shards = frozen_files(checkpoint)
     assert [p.name for p in shards] == [
         "frozen-00000-of-00002.safetensors",
         "frozen-00001-of-00002.safetensors",
     ]
     keys = [set(load_file(str(p))) for p in shards]
     assert keys[0] and keys[1] and not keys[0] & keys[1]
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from rosa_ds.model import resolve_model_path
-
     cfg = load_config("tiny-subspace")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
@@ -165,8 +165,6 @@ def test_subspace_frozen_weights_are_written_in_shards_and_read_at_another_size(
         inject_adapters(model, cfg.adapter)
     assert keys[0] | keys[1] == set(adapted_modules(model))
     sizes = [p.stat().st_size for p in shards]
-    largest = max(
-        t.numel() * t.element_size() for t in load_frozen_tensors(shards[0].parent).values()
-    )
+    largest = max(t.numel() * t.element_size() for t in load_frozen_tensors(checkpoint).values())
     assert max(sizes) <= sum(sizes) / 2 + largest + 4096  # + one matrix and the file header
     print(f"frozen-weight bytes per rank at 2 ranks: {sizes} (one file of {sum(sizes)} before)")

@@ -152,45 +152,6 @@ def test_mpirun_rendezvous(mode, tmp_path):
     assert [r[6] for r in rows] == ["0", "1"]
 
 
-@needs_mpirun
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_mpirun_without_rank_variables_trains_tiny_lora(tmp_path):
-    """mpirun -n 2 where rosa-ds sees no rank variables: mpi4py finds the ranks, the run completes
-    as 2 ranks."""
-    entry = tmp_path / "entry.py"
-    entry.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import rosa_ds.dist\n"
-        "rosa_ds.dist.MPI_VARS = ()\n"
-        "from rosa_ds.cli import main\n"
-        "main()\n"
-    )
-    out = tmp_path / "run"
-    args = [
-        "train",
-        "--config",
-        "tiny-lora",
-        f"output_dir={out}",
-        "train.max_steps=6",
-        "train.lr=1e-2",
-        "eval.num_generate=0",
-    ]
-    proc = subprocess.run(
-        [str(MPIRUN), "-n", "2", sys.executable, str(entry), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=child_env(),
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and len(summary["losses"]) == 6
-    assert summary["losses"][-1] < summary["losses"][0]
-
-
 # --- DeepSpeed hostfile from SLURM ---------------------------------------------------------------
 
 
