@@ -70,12 +70,12 @@ def trained(tmp_path_factory) -> Callable[[Row], tuple[Path, dict]]:
     return get
 
 
-def _eval_loss(args: list[str], adapter: Path | None = None) -> float:
+def _eval_loss(args: list[str], adapter: Path) -> float:
+    """``rosa-ds eval ARGS``'s held-out loss, checking it read ``adapter``."""
     proc = launch(["eval", *args, "eval.num_generate=0"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{") :])
-    if adapter is not None:
-        assert result["adapter"] == str(adapter)
+    assert result["adapter"] == str(adapter)
     return result["eval_loss"]
 
 
