@@ -81,11 +81,10 @@ def launch(
             entry,
             *args,
         ]
-    elif launcher == "mpirun":  # MPICH from the mpich wheel; DeepSpeed discovers via mpi4py
+    elif launcher in ("mpirun", "mpirun-hidden-vars"):  # MPICH from the mpich wheel
+        if launcher == "mpirun-hidden-vars":  # as under an MPI that exports no rank variables
+            entry = str(REPO / "tests" / "probes" / "mpi4py_entry.py")
         cmd = [str(BIN / "mpirun"), "-n", str(nproc), sys.executable, entry, *args]
-    elif launcher == "mpirun-hidden-vars":  # as under an MPI that exports no rank variables
-        probe = str(REPO / "tests" / "probes" / "mpi4py_entry.py")
-        cmd = [str(BIN / "mpirun"), "-n", str(nproc), sys.executable, probe, *args]
     elif launcher == "deepspeed":
         cmd = [
             str(BIN / "deepspeed"),

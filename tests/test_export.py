@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rosa_ds.export import load_adapted_model
-from tests.helpers import PROMPT, child_env, launch, train_ok
+from tests.helpers import PROMPT, child_env, export_run, train_ok
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,7 @@ def exported(tmp_path_factory) -> Path:
             "eval.num_generate=0",
         ]
     )
-    proc = launch(["export", "--run", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    export_run(out)
     return out
 
 
