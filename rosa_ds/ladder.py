@@ -16,6 +16,8 @@ VOCAB = 101  # the character tokenizer's size (rosa_ds/model.py builds it)
 
 @dataclass(frozen=True)
 class Rung:
+    """The shape of one ladder model (every rung a Llama: GQA attention, SwiGLU MLP)."""
+
     hidden: int
     intermediate: int
     layers: int

@@ -17,7 +17,7 @@ PACKAGE = REPO / "rosa_ds"
 
 # Layer of every module, top (0) to bottom; a module may import its own layer or lower ones.
 LAYERS = {
-    0: ["cli", "env_report", "plan", "export"],  # the face: commands
+    0: ["cli", "env_report", "plan", "export", "sweep"],  # the face: commands
     1: ["train", "evaluate", "telemetry"],  # the training loop and evaluation
     2: ["methods"],  # one class per method
     3: [
@@ -48,6 +48,7 @@ LAYERS = {
         "watchdog",
         "preemption",
         "startup",
+        "ladder",
         "__init__",
     ],
 }
@@ -73,7 +74,8 @@ HEAVY_OR_OPTIONAL = {
 OPTIONAL_MODULES = {"rosa_ds.kernels.triton_sparse"}
 # The modules ``rosa_ds.cli`` loads for every command, even --help: they must not import torch
 # at their top, so their local imports may name torch and any rosa_ds module.
-LIGHT = {"cli", "config", "errors", "plan", "dist", "precision", "env_report", "ds_config"}
+LIGHT = {"cli", "config", "errors", "plan", "dist", "precision", "env_report", "ds_config",
+         "sweep"}  # fmt: skip
 
 
 def _modules() -> dict[str, ast.Module]:

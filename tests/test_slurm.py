@@ -7,6 +7,7 @@ can be started (SLURM not installed, not root)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -117,3 +118,40 @@ def test_template_stops_on_the_warning_signal_requeues_and_finishes(
     summary = json.loads((out / "summary.json").read_text())
     assert 1 <= summary["resumed_from"] < STEPS, text[-3000:]
     assert len(summary["losses"]) == STEPS and summary["world_size"] == 2
+
+
+def test_sweep_submits_one_job_array_whose_cells_finish(cluster, tmp_path):
+    """``rosa-ds sweep --slurm``: two 1-rank cells as one array (``%2``), each task running the
+    srun template with its cell's config; submitted again, nothing is left to submit."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "base: tiny-lora\n"
+        "fixed: {train.max_steps: 2, eval.num_generate: 0, data.num_train: 64}\n"
+        "axes:\n  adapter.rank: [2, 4]\n"
+    )
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "rosa_ds.cli", "sweep", "--grid", str(grid), "--out", str(out),
+           "--slurm", "--array-limit", "2"]  # fmt: skip
+    env = dict(_job_env(), SLURM_CONF=str(cluster.conf))
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "submitted job array" in proc.stdout and "(2 cell(s), 1 rank(s) each)" in proc.stdout
+    job = int(proc.stdout.split("submitted job array ")[1].split()[0])
+    summaries = [out / "runs" / f"rank-{r}" / "summary.json" for r in (2, 4)]
+    deadline = time.time() + 300
+    while time.time() < deadline and not all(s.is_file() for s in summaries):
+        time.sleep(1)
+    logs = "\n".join(p.read_text(errors="replace") for p in (out / "logs").glob("*.out"))
+    assert all(s.is_file() for s in summaries), f"{logs[-5000:]}\n{cluster.logs()}"
+    for rank, s in zip((2, 4), summaries, strict=True):
+        summary = json.loads(s.read_text())
+        assert summary["steps"] == 2 and summary["trainable_elements"] > 0
+        assert f"cell rank-{rank} (array task" in logs
+    assert logs.count("rank(s) on 1 node(s) through srun") == 2  # the template ran each
+    for _ in range(60):  # the tasks leave the queue
+        states = cluster._run(["squeue", "-h", "-j", str(job), "-o", "%T"]).stdout.split()
+        if not states:
+            break
+        time.sleep(1)
+    again = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stderr

@@ -52,6 +52,12 @@ def test_model_flops_follow_the_planners_shapes(rank, density):
     assert flops.per_token == pytest.approx(shape.layers * per_layer + head + 3 * 2 * nnz)
     q_dim = shape.heads * shape.d_head
     assert flops.attention_per_token_context == pytest.approx(3 * 4 * shape.layers * q_dim)
+    # the planner's step time counts the same FLOPs, from the shapes alone
+    from rosa_ds.plan import PlanInputs, flops_per_token
+
+    seq = 96
+    planned = flops_per_token(PlanInputs(model=shape, rank=rank, density=density, seq_len=seq))
+    assert planned == pytest.approx(flops.step(seq, seq * seq) / seq)
 
 
 def test_batch_counts_leave_out_padding_and_unlabelled_tokens():

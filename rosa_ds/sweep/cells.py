@@ -24,6 +24,8 @@ SWEEP_FILE = "sweep.json"
 
 @dataclass
 class PlannedCell:
+    """A cell made concrete: its validated config, its files and what the planner said."""
+
     cell: Cell
     cfg: RunConfig
     config_file: Path

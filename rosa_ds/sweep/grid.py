@@ -46,6 +46,8 @@ class Choice:
 
 @dataclass(frozen=True)
 class Axis:
+    """One dimension of the grid: a config key's values, or named sets of overrides."""
+
     name: str
     choices: tuple[Choice, ...]
 
@@ -62,6 +64,8 @@ class Cell:
 
 @dataclass
 class Grid:
+    """A parsed grid file: what every cell shares and the axes it varies."""
+
     base: str | None
     fixed: tuple[str, ...]
     axes: list[Axis]
@@ -92,13 +96,13 @@ def _settings(where: str, raw: Any) -> tuple[tuple[str, ...], int | None]:
     overrides, world = [], None
     for key, value in raw.items():
         if key == WORLD_SIZE:
-            world = _world_size(where, value)
+            world = _ranks_of(where, value)
         else:
             overrides.append(render(str(key), value))
     return tuple(overrides), world
 
 
-def _world_size(where: str, value: Any) -> int:
+def _ranks_of(where: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise UserError(f"grid {where}: world_size must be an integer >= 1, got {value!r}")
     return value
@@ -109,7 +113,7 @@ def _axis(name: str, raw: Any) -> Axis:
         if not raw:
             raise UserError(f"grid axis {name} has no values; give at least one")
         if name == WORLD_SIZE:
-            choices = [Choice(str(_world_size(name, v)), (), v) for v in raw]
+            choices = [Choice(str(_ranks_of(name, v)), (), v) for v in raw]
         else:
             choices = [Choice(_label(v), (render(name, v),)) for v in raw]
     elif isinstance(raw, dict):
