@@ -174,7 +174,7 @@ def get_model(name_or_path: str) -> ModelShape:
     path = Path(name_or_path).expanduser()
     if path.is_dir() or path.suffix == ".json" or path.exists():
         return read_hf_config(path)
-    wanted = _norm(name_or_path.split("/")[-1]).removesuffix("hf")
+    wanted = _norm(name_or_path.split("/")[-1]).removesuffix("hf").removeprefix("meta")
     for key, shape in PRESETS.items():
         if wanted in (_norm(key), _norm(shape.name)):
             return shape

@@ -57,6 +57,20 @@ def test_grid_expands_every_combination_with_stable_names():
     assert {c.name for c in cells} < {c.name for c in parse_grid(wider).cells()}
 
 
+def test_exclude_drops_the_cells_matching_every_key_of_a_rule():
+    grid = json.loads(json.dumps(GRID))
+    grid["exclude"] = [{"method": "rosa", "world_size": 2}, {"seed": [1]}]
+    names = [c.name for c in parse_grid(grid).cells()]
+    assert names == [
+        "model-tiny__method-lora__seed-0__world_size-1",
+        "model-tiny__method-lora__seed-0__world_size-2",
+        "model-tiny__method-rosa__seed-0__world_size-1",
+    ]
+    grid["exclude"] = [{"method": "dora"}]
+    with pytest.raises(UserError, match="exclude names method=.*which no axis has"):
+        parse_grid(grid)
+
+
 def test_axes_sharing_a_last_key_are_named_by_the_whole_key():
     grid = {"axes": {"seed": [2], "train.seed": [4], "train.lr": [1e-3]}}
     (cell,) = parse_grid(grid).cells()

@@ -12,6 +12,8 @@ names (the same settings always give the same name, whatever else the grid holds
         rosa: {adapter.rank: 8, adapter.density: 0.01}
       train.seed: [0, 1]           # a config key and its values
       world_size: [1, 2]           # ranks (GPUs) of the cell's run
+    exclude:                       # optional: drop the cells that match every key
+      - {model: 4m, world_size: 2}
     plan: {gpu_memory_gib: 80, tflops: 400}   # optional: the planner's budget and speed
 
 A cell is named by its axes in file order, ``model-1m__method-lora__seed-0__world_size-2``:
@@ -71,6 +73,7 @@ class Grid:
     axes: list[Axis]
     plan: dict[str, Any]
     world_size: int = 1  # of cells no axis gives one (``fixed: {world_size: N}``)
+    exclude: list[dict[str, list[str]]] = field(default_factory=list)  # axis -> labels
 
     def cells(self) -> list[Cell]:
         return expand(self)
@@ -136,9 +139,11 @@ def _axis(name: str, raw: Any) -> Axis:
 def parse_grid(raw: Any, where: str = "grid") -> Grid:
     if not isinstance(raw, dict):
         raise UserError(f"{where} must be a YAML mapping with an axes: section")
-    unknown = sorted(set(raw) - {"base", "fixed", "axes", "plan"})
+    unknown = sorted(set(raw) - {"base", "fixed", "axes", "exclude", "plan"})
     if unknown:
-        raise UserError(f"{where}: unknown section {unknown[0]}; use base, fixed, axes and plan")
+        raise UserError(
+            f"{where}: unknown section {unknown[0]}; use base, fixed, axes, exclude and plan"
+        )
     axes_raw = raw.get("axes")
     if not isinstance(axes_raw, dict) or not axes_raw:
         raise UserError(f"{where} needs an axes: mapping with at least one axis")
@@ -153,7 +158,29 @@ def parse_grid(raw: Any, where: str = "grid") -> Grid:
     if base is not None and not isinstance(base, str):
         raise UserError(f"{where}: base must be a config name or path, got {base!r}")
     axes = [_axis(str(k), v) for k, v in axes_raw.items()]
-    return Grid(base, fixed, axes, dict(plan), fixed_world or 1)
+    exclude = _exclude(raw.get("exclude") or [], axes, where)
+    return Grid(base, fixed, axes, dict(plan), fixed_world or 1, exclude)
+
+
+def _exclude(raw: Any, axes: list[Axis], where: str) -> list[dict[str, list[str]]]:
+    """Exclusion rules: each maps axes to a label or a list of labels of that axis."""
+    if not isinstance(raw, list) or not all(isinstance(r, dict) and r for r in raw):
+        raise UserError(f"{where}: exclude must be a list of mappings of axis to label(s)")
+    labels = {a.name: {c.label for c in a.choices} for a in axes}
+    rules = []
+    for rule in raw:
+        parsed = {}
+        for axis, value in rule.items():
+            values = [_label(v) for v in (value if isinstance(value, list) else [value])]
+            unknown = [v for v in values if v not in labels.get(str(axis), ())]
+            if str(axis) not in labels or unknown:
+                raise UserError(
+                    f"{where}: exclude names {axis}={unknown or value}, which no axis has; "
+                    f"axes: {', '.join(f'{k} {sorted(v)}' for k, v in labels.items())}"
+                )
+            parsed[str(axis)] = values
+        rules.append(parsed)
+    return rules
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -188,5 +215,7 @@ def expand(grid: Grid) -> list[Cell]:
             world = choice.world_size or world
         name = "__".join(f"{s}-{c.label}" for s, c in zip(shorts, combo, strict=True))
         labels = {a.name: c.label for a, c in zip(grid.axes, combo, strict=True)}
+        if any(all(labels[k] in v for k, v in rule.items()) for rule in grid.exclude):
+            continue
         cells.append(Cell(name, tuple(overrides), world, labels))
     return cells

@@ -172,7 +172,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for key, pts in sorted(series.items()):
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+            # quality: one point per cell (different models); costs: a line along the sizes
+            style = "none" if name.startswith("quality") else "-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls=style, label=key)
         ax.set_xscale("log" if logx else "linear")
         ax.set_yscale("log" if logy else "linear")
         ax.set(xlabel=xlabel, ylabel=ylabel)
