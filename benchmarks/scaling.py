@@ -112,9 +112,13 @@ def main() -> None:
     if code != 0:
         sys.exit(f"the sweep failed (exit {code}); see {out / 'sweep' / 'logs'}")
     result = report(out / "sweep")
-    rows = [r for r in result["rows"] if r["status"] == "finished"]
+    need = ("model_params", "step_seconds")
+    rows = [r for r in result["rows"] if r["status"] == "finished" and all(r.get(k) for k in need)]
+    if not rows:
+        sys.exit(f"no cell reported a step time; see {out / 'sweep' / 'logs'}")
     sweep = json.loads((out / "sweep" / "sweep.json").read_text())
     flops = {c["name"]: c["plan"].get("flops_step") for c in sweep["cells"]}
+    rows = [r for r in rows if flops.get(r["name"])]  # cells the planner modelled
 
     # the planner's step time, calibrated by one achieved TFLOP/s from the largest rungs
     largest = sorted({r["model_params"] for r in rows})[-2:]
@@ -125,7 +129,7 @@ def main() -> None:
           f"{'mem GiB':>8} {'planned':>8} {'mask s':>7} {'resample s':>10}")  # fmt: skip
     # what the process adds whatever the model (engine, allocator pools, libraries): the
     # smallest rung's RSS growth, whose own tensors are a few MiB
-    fixed_gib = min(r["peak_measured_gib"] for r in rows if r.get("peak_measured_gib"))
+    fixed_gib = min((r["peak_measured_gib"] for r in rows if r.get("peak_measured_gib")), default=0)
     time_err, mem_err, mem_err_net = [], [], []
     for r in sorted(rows, key=lambda r: (r["method"], r["model_params"])):
         planned_t = flops[r["name"]] / (calib * 1e12)

@@ -95,10 +95,11 @@ def _is_main_rank() -> bool:
 
 def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:2] == ["sweep", "report"]:
+    words = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
+    if words[:2] == ["sweep", "report"]:  # a command of its own: a folder, not a grid
         from rosa_ds.sweep import run_report
 
-        return run_report(build_report_parser().parse_args(argv[2:]))
+        return run_report(build_report_parser().parse_args(words[2:]))
     args = build_parser().parse_args(argv)
     if args.command in ("train", "eval"):
         from rosa_ds.config import config_help, dump_config, load_config

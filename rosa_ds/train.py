@@ -25,7 +25,7 @@ from rosa_ds import faults, precision
 from rosa_ds.adapters.masks import masks_of
 from rosa_ds.checkpoint import load_checkpoint, read_state, save_checkpoint
 from rosa_ds.config import RunConfig, dump_config
-from rosa_ds.data.batching import GlobalBatchSampler, collate
+from rosa_ds.data.batching import GlobalBatchSampler, collate, label_tokens, model_inputs
 from rosa_ds.dist import all_reduce_max, all_reduce_sum, barrier, detect_placement, init_distributed
 from rosa_ds.engine import Built, EngineOptions, build_engine
 from rosa_ds.errors import TrainingError
@@ -62,16 +62,26 @@ def optimizer_step(
 ) -> float:
     """One optimizer step: this rank's micro-batches of global batch ``step``, each a DeepSpeed
     backward + step (DeepSpeed steps the optimizer at the boundary). Returns this rank's mean
-    micro-batch loss; ``meter`` counts the tokens and FLOPs."""
+    micro-batch loss; ``meter`` counts the tokens and FLOPs.
+
+    The loss is token-weighted over the global batch: each micro-batch's summed token loss is
+    divided by the global batch's label tokens (every rank counts them from the sampler, no
+    collective), times the accumulation steps and ranks that DeepSpeed divides by again. So
+    the step's loss and gradient are the mean over its label tokens at any micro-batch size,
+    accumulation and world size, and a short example weighs what its tokens weigh."""
     engine = built.engine
     micro = sampler.micro_batches(step)
+    examples = prep.train_examples
+    labels = sum(label_tokens(examples[i]) for i in sampler.global_batch_indices(step))
+    per_micro = max(labels, 1) / (len(micro) * built.placement.world_size)
     total = 0.0
     for indices in micro:
-        batch = collate([prep.train_examples[i] for i in indices], built.tokenizer.pad_token_id)
+        batch = collate([examples[i] for i in indices], built.tokenizer.pad_token_id)
         if meter is not None:
             meter.count(batch)
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        loss = faults.corrupt_loss(engine(**batch).loss, step + 1)
+        batch = {k: v.to(engine.device) for k, v in model_inputs(batch).items()}
+        out = engine(**batch, num_items_in_batch=per_micro)
+        loss = faults.corrupt_loss(out.loss, step + 1)
         with faults.corrupt_gradient(built.model, step + 1):
             engine.backward(loss)
         if indices is micro[0]:

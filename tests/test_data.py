@@ -164,9 +164,11 @@ def test_tokenize_masks_the_prompt():
 
 def test_pack_and_collate():
     exs = [{"input_ids": [1] * n, "labels": [5] * n} for n in (3, 4, 5, 2)]
-    packed = pack(exs, 8)
-    assert [len(p["input_ids"]) for p in packed] == [7, 7]
-    assert packed[0]["position_ids"] == [0, 1, 2, 0, 1, 2, 3]
+    packed = pack(exs, 8)  # best fit, longest first: 5 + 3 fill one sequence, 4 + 2 the next
+    assert [len(p["input_ids"]) for p in packed] == [8, 6]
+    assert packed[0]["position_ids"] == [0, 1, 2, 0, 1, 2, 3, 4]
+    # each example's first label is the causal shift's, never predicted from the one before
+    assert packed[0]["labels"] == [IGNORE, 5, 5, IGNORE, 5, 5, 5, 5]
     batch = collate(exs[:2], pad_id=0)
     assert batch["input_ids"].shape == (2, 4)
     assert batch["labels"][0, 3].item() == IGNORE and batch["attention_mask"][0].tolist() == [
@@ -175,6 +177,66 @@ def test_pack_and_collate():
         1,
         0,
     ]
+
+
+def test_packed_examples_do_not_attend_to_each_other():
+    """Four arithmetic examples packed into two sequences (one padded), through the collator
+    and ``model_inputs`` as training feeds them: every example's summed token loss equals its
+    loss alone. With one attention mask over the whole sequence the later examples would see
+    the earlier ones, and each would predict the next one's first token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rosa_ds.config import ModelConfig
+    from rosa_ds.data.batching import model_inputs
+    from rosa_ds.model import finish_model, load_tokenizer, resolve_model_path
+
+    mcfg = ModelConfig(name_or_path="builtin:tiny-llama")
+    path = resolve_model_path(mcfg)
+    tok = load_tokenizer(path, mcfg)
+    # as training loads it (no KV cache: with one, transformers ignores the packing)
+    model = finish_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), mcfg)
+    model.eval()
+    records = load_task_data(DataConfig(dataset="arithmetic", num_train=4)).train
+    exs = tokenize_records(records, tok, 160, use_chat_template=True)
+    lengths = [len(e["input_ids"]) for e in exs]
+    packed = pack(exs, max(lengths) * 2)
+    assert len(packed) == 2 and len({len(p["input_ids"]) for p in packed}) == 2  # one padded
+
+    def token_losses(batch):
+        inputs = model_inputs(batch)
+        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none",
+            ignore_index=IGNORE,
+        )  # fmt: skip
+
+    with torch.no_grad():
+        packed_losses = token_losses(collate(packed, tok.pad_token_id))
+        alone = [float(token_losses(collate([e], tok.pad_token_id)).sum()) for e in exs]
+    # where each example sits in the packed sequences: pack keeps each bin in data order
+    found = []
+    for row, seq in enumerate(packed):
+        start = 0
+        for n in (len(list(g)) for g in _runs(seq["position_ids"])):
+            span = packed_losses[row, start : start + n - 1]
+            found.append((seq["input_ids"][start : start + n], float(span.sum())))
+            start += n
+    for ex, loss in zip(exs, alone, strict=True):
+        (match,) = [f for ids, f in found if ids == ex["input_ids"]]
+        assert match == pytest.approx(loss, rel=1e-5, abs=1e-5)
+
+
+def _runs(positions):
+    """The packed examples of a sequence, from where its position ids restart."""
+    run = []
+    for p in positions:
+        if p == 0 and run:
+            yield run
+            run = []
+        run.append(p)
+    if run:
+        yield run
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -3,6 +3,7 @@ one process, resume continues the same loss curve, and a ZeRO-3 adapter is compl
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -143,3 +144,49 @@ def test_zero3_cpu_offload_bf16_two_ranks(tmp_path):
     assert last < first - 0.1, summary["losses"]
     state = load_file(str(out / "adapter" / "adapter.safetensors"))
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values())
+
+
+def _first_step(out: Path) -> tuple[float, float]:
+    """(loss, gradient norm) that a run logged for its first optimizer step."""
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("step") == 1 and "loss" in record:
+            return record["loss"], record["grad_norm"]
+    raise AssertionError(f"{out} logged no first step")
+
+
+def test_the_step_loss_is_the_mean_over_the_global_batchs_label_tokens(
+    single_run, zero3_run, tmp_path
+):
+    """The same global batch of 8 examples at micro-batch 1 (8 accumulation steps), 2 (4; and
+    2 ranks x 2 under ZeRO-3) and 4 (2): one loss, the mean over its label tokens (computed
+    here from the base model, which a fresh LoRA leaves unchanged), and one gradient norm."""
+    from transformers import AutoModelForCausalLM
+
+    from rosa_ds.config import load_config
+    from rosa_ds.data.batching import GlobalBatchSampler, collate, label_tokens
+    from rosa_ds.preflight import prepare
+
+    runs = {"micro 2, 1 rank": single_run[0], "micro 2, 2 ranks ZeRO-3": zero3_run[0]}
+    for micro in (1, 4):
+        out = tmp_path / f"micro-{micro}"
+        train_ok([*COMMON, f"output_dir={out}", "train.max_steps=1", "train.save_every=1",
+                  f"train.micro_batch_size={micro}"])  # fmt: skip
+        runs[f"micro {micro}, 1 rank"] = out
+    figures = {name: _first_step(out) for name, out in runs.items()}
+
+    cfg = load_config(COMMON[1], COMMON[2:])
+    prep = prepare(cfg, resume=None, training=False)
+    t = cfg.train
+    sampler = GlobalBatchSampler(len(prep.train_examples), t.global_batch_size, 1, 0, 1, cfg.seed)
+    batch = [prep.train_examples[i] for i in sampler.global_batch_indices(0)]
+    counts = [label_tokens(ex) for ex in batch]
+    model = AutoModelForCausalLM.from_pretrained(prep.model_path, dtype=torch.float32)
+    with torch.no_grad():
+        means = [float(model(**collate([ex], 0)).loss) for ex in batch]
+    token_mean = sum(m * n for m, n in zip(means, counts, strict=True)) / sum(counts)
+    example_mean = sum(means) / len(means)
+    assert abs(example_mean - token_mean) > 1e-4 * token_mean, "lengths too alike to tell"
+    for name, (loss, norm) in figures.items():
+        assert loss == pytest.approx(token_mean, rel=1e-5), (name, figures)
+        assert norm == pytest.approx(figures["micro 2, 1 rank"][1], rel=1e-4), (name, figures)

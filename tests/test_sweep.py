@@ -71,6 +71,63 @@ def test_exclude_drops_the_cells_matching_every_key_of_a_rule():
         parse_grid(grid)
 
 
+def test_fixed_as_a_list_of_overrides_means_what_it_says_on_the_command_line():
+    grid = parse_grid({"fixed": ["train.max_steps=20", "train.lr=1e-3", "world_size=2"],
+                       "axes": {"seed": [0]}})  # fmt: skip
+    (cell,) = grid.cells()
+    assert cell.world_size == 2
+    assert dict(parse_override(o) for o in cell.overrides)["train.max_steps"] == 20
+
+
+def test_cell_names_are_safe_file_names_of_bounded_length():
+    grid = parse_grid({"axes": {"../a b/c": {"x/y": {"seed": 1}}, "data.dataset": ["x" * 300]}})
+    (cell,) = grid.cells()
+    assert "/" not in cell.name and " " not in cell.name and not cell.name.startswith(".")
+    assert len(cell.name) <= 160
+    longer = parse_grid({"axes": {"data.dataset": ["x" * 300 + "y"]}}).cells()[0].name
+    assert longer != parse_grid({"axes": {"data.dataset": ["x" * 301]}}).cells()[0].name
+
+
+def test_slurm_resources_fill_whole_nodes_and_the_script_is_valid_bash(tmp_path):
+    from rosa_ds.sweep.slurm import array_script, resources
+
+    assert resources(2, 0) == ["--ntasks=2", "--nodes=1"]
+    assert resources(4, 8) == ["--nodes=1", "--ntasks-per-node=4", "--gpus-per-node=4"]
+    assert resources(16, 8) == ["--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8"]
+    with pytest.raises(UserError, match="world size 12 does not fill nodes of 8 GPUs"):
+        resources(12, 8)
+    out = tmp_path / "a dir with 'quotes' and $HOME"
+    grid = parse_grid({"axes": {"seed": [0, 1]}})
+    cells = resolve_cells(grid.cells(), "tiny-lora", [], out, {})
+    script = tmp_path / "array.sbatch"
+    script.write_text(array_script(out, 1, cells))
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "OUT='" in text and "seed-0 seed-1" in text and "flock -n 9" in text
+
+
+def test_sweep_report_routes_past_launcher_arguments(tmp_path, capsys):
+    from rosa_ds.cli import run
+
+    _fake_finished_sweep(tmp_path)
+    assert run(["--local_rank=0", "sweep", "report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "3 of 4 cell(s) finished" in text and "too-big" in text
+
+
+def test_report_rows_of_cells_without_figures_show_dashes_not_zeros(tmp_path):
+    from rosa_ds.sweep.report import format_report
+
+    _fake_finished_sweep(tmp_path)
+    summary = tmp_path / "runs" / "model-0" / "summary.json"
+    summary.write_text(json.dumps({"steps": 4, "telemetry": None, "after": None}))
+    (tmp_path / "runs" / "model-1" / "summary.json").unlink()
+    result = report(tmp_path)
+    line = next(x for x in format_report(result).splitlines() if x.startswith("model-0 "))
+    assert line.split()[3:] == ["-", "-", "-"]  # step time, tokens/s, quality
+    assert result["rows"][1]["status"] == "not finished"
+
+
 def test_axes_sharing_a_last_key_are_named_by_the_whole_key():
     grid = {"axes": {"seed": [2], "train.seed": [4], "train.lr": [1e-3]}}
     (cell,) = parse_grid(grid).cells()
@@ -90,11 +147,18 @@ def test_rendered_overrides_parse_back_to_the_value(value):
     [
         ({"axes": {}}, "needs an axes: mapping"),
         ({"axes": {"train.seed": []}}, "has no values"),
-        ({"axes": {"m": {"a b": {"x": 1}, "a_b": {"x": 2}}}}, "give the same name"),
+        ({"axes": {"m": {"a b": {"x": 1}, "a_b": {"x": 2}}}}, "give the same cell name"),
         ({"axes": {"world_size": [0]}}, "world_size must be an integer >= 1"),
         ({"axes": {"train.seed": [1]}, "runs": 3}, "unknown section runs"),
         ({"axes": {"m": {"a": [1]}}}, "must be a mapping of config keys"),
         ({"axes": {"train.seed": [1]}, "plan": {"gpus": 8}}, "plan takes"),
+        ({"axes": {"seed": [1]}, "plan": {"tflops": "400"}}, "plan.tflops must be a number"),
+        ({"axes": {"seed": [1]}, "plan": {"device": "GPU"}}, "plan.device must be gpu or cpu"),
+        ({"axes": {"seed": [1, 2]}, "exclude": [{"seed": [1, 2]}]}, "leaves no cell"),
+        (
+            {"axes": {"m": {"a": {"world_size": 4}}, "world_size": [1, 2]}},
+            "world_size is set by m, world_size",
+        ),
     ],
 )
 def test_bad_grids_name_the_problem(grid, message):

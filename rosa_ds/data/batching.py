@@ -60,13 +60,31 @@ class GlobalBatchSampler:
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """This rank's micro-batches (lists of example indices) for optimizer step ``step``."""
+    def global_batch_indices(self, step: int) -> list[int]:
+        """Every example of global batch ``step``, on every rank alike."""
         epoch, within = divmod(step, self.steps_per_epoch)
         start = within * self.global_batch
-        batch = self._permutation(epoch)[start : start + self.global_batch]
+        return self._permutation(epoch)[start : start + self.global_batch]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's micro-batches (lists of example indices) for optimizer step ``step``."""
+        batch = self.global_batch_indices(step)
         micro = [batch[i : i + self.micro_batch] for i in range(0, len(batch), self.micro_batch)]
         return micro[self.rank :: self.world]
+
+
+def label_tokens(example: dict[str, list[int]]) -> int:
+    """Tokens of an example that carry loss (after the causal shift: the first never does)."""
+    return sum(1 for label in example["labels"][1:] if label != IGNORE)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model gets of a collated batch: packed sequences (``position_ids``) go without
+    the attention mask, so that transformers masks attention between the packed examples
+    (padding is a sequence of its own, with no labels); the mask stays for counting tokens."""
+    if "position_ids" in batch:
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+    return batch
 
 
 def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

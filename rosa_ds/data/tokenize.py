@@ -45,21 +45,37 @@ def tokenize_records(
 
 
 def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
-    """Greedy packing of whole examples into sequences of at most ``max_length`` tokens.
+    """Best-fit packing of whole examples into sequences of at most ``max_length`` tokens.
 
-    ``position_ids`` restart at each example. Attention is not blocked between the examples of
-    one sequence (as in most trainers' packing), which is the price of fewer pad tokens.
+    Examples go longest first into the sequence with the least room that still holds them (a
+    new one when none does), so few tokens are left as padding. ``position_ids`` restart at each
+    example; a batch of packed sequences goes to the model without an attention mask
+    (``batching.model_inputs``), so transformers builds a block-diagonal causal mask from the
+    restarts (flash attention reads them as sequence boundaries): no example attends to
+    another. Each example's first label is dropped, as the causal shift drops it unpacked, so
+    no token learns to predict the next example's first token.
     """
-    packed: list[dict[str, list[int]]] = []
-    cur: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for ex in examples:
-        n = len(ex["input_ids"])
-        if cur["input_ids"] and len(cur["input_ids"]) + n > max_length:
-            packed.append(cur)
-            cur = {"input_ids": [], "labels": [], "position_ids": []}
-        cur["input_ids"] += ex["input_ids"]
-        cur["labels"] += ex["labels"]
-        cur["position_ids"] += list(range(n))
-    if cur["input_ids"]:
-        packed.append(cur)
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        fits = [b for b, r in enumerate(room) if r >= n]
+        if fits:
+            best = min(fits, key=lambda b: room[b])
+            bins[best].append(i)
+            room[best] -= n
+        else:
+            bins.append([i])
+            room.append(max_length - n)
+    packed = []
+    for members in bins:
+        seq: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for i in sorted(members):  # within a sequence, the data's own order
+            ex = examples[i]
+            n = len(ex["input_ids"])
+            seq["input_ids"] += ex["input_ids"]
+            seq["labels"] += [IGNORE] + ex["labels"][1:]
+            seq["position_ids"] += list(range(n))
+        packed.append(seq)
     return packed

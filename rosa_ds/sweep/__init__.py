@@ -52,22 +52,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="a sweep folder (the --out of rosa-ds sweep)")
     p.add_argument("--out", "-o", help="where to write (default: <folder>/report)")
-    p.add_argument("--json", action="store_true", help="print report.json's content")
+    p.add_argument("--json", action="store_true", help="print results.json's content")
 
 
 def _options(args: argparse.Namespace, grid_plan: dict, local: bool) -> dict:
+    """The planner's settings: the flags over the grid's ``plan:``. The device planned for is
+    where the cells will run: this machine for a local sweep (CPU without CUDA), CPU nodes for
+    ``--slurm --gpus-per-node 0``, and otherwise (``--plan-only`` too) GPUs."""
     options = dict(grid_plan)
     for flag, key in [("gpu_memory", "gpu_memory_gib"), ("tflops", "tflops"),
                       ("bandwidth", "bandwidth_gbs"), ("device", "device")]:  # fmt: skip
         if getattr(args, flag) is not None:
             options[key] = getattr(args, flag)
     if "device" not in options:
-        cuda = False
         if local:
             import torch
 
-            cuda = torch.cuda.is_available()
-        options["device"] = "cpu" if local and not cuda else "gpu"
+            options["device"] = "gpu" if torch.cuda.is_available() else "cpu"
+        else:
+            options["device"] = "cpu" if args.slurm and args.gpus_per_node <= 0 else "gpu"
     if options["device"] == "gpu":
         options.setdefault("gpu_memory_gib", 80.0)
     return options
@@ -84,7 +87,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.array_limit is not None and args.array_limit < 1:
         raise UserError(f"--array-limit must be >= 1, got {args.array_limit}")
     grid = load_grid(args.grid)
-    out = Path(args.out or f"runs/sweep-{Path(args.grid).stem}")
+    out = Path(args.out or f"runs/sweep-{Path(args.grid).stem}").resolve()
     options = _options(args, grid.plan, local=not (args.plan_only or args.slurm))
     planned = resolve_cells(grid.cells(), args.config or grid.base, args.overrides, out, options)
     if args.json:

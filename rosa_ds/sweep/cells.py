@@ -17,9 +17,10 @@ from typing import Any
 from rosa_ds.config import RunConfig, dump_config, load_config
 from rosa_ds.errors import UserError
 from rosa_ds.plan import GIB, inputs_from_config, min_gpus, plan
-from rosa_ds.sweep.grid import Cell
+from rosa_ds.sweep.grid import Cell, render
 
 SWEEP_FILE = "sweep.json"
+ENTRY = Path(__file__).resolve().parents[2] / "launcher" / "main.py"  # the per-rank entry
 
 
 @dataclass
@@ -105,7 +106,7 @@ def resolve_cells(
     planned = []
     for cell in cells:
         output_dir = out / "runs" / cell.name
-        overrides = [*cell.overrides, *extra, f"output_dir={output_dir}"]
+        overrides = [*cell.overrides, *extra, render("output_dir", str(output_dir))]
         try:
             cfg = load_config(base, overrides)
         except UserError as exc:
@@ -118,12 +119,23 @@ def resolve_cells(
     return planned
 
 
+def check_launcher(cells: list[PlannedCell]) -> None:
+    """Cells of several ranks start through ``launcher/main.py``: it must be there."""
+    multi = [c.cell.name for c in cells if c.cell.world_size > 1 and not c.skip and not c.done]
+    if multi and not ENTRY.is_file():
+        raise UserError(
+            f"cell {multi[0]} needs several ranks, which the sweep starts through "
+            f"launcher/main.py, not found at {ENTRY}; run the sweep from a checkout"
+        )
+
+
 def preflight(planned: list[PlannedCell]) -> None:
     """The run's own pre-flight (model, data, tokenizer, output folder, resume) for every cell
     still to run, before the first starts: a mistake in cell 9 costs seconds, not 8 runs."""
     from rosa_ds.checkpoint import latest_checkpoint
     from rosa_ds.preflight import prepare
 
+    check_launcher(planned)
     for p in planned:
         if p.skip or p.done:
             continue
@@ -138,7 +150,7 @@ def write_sweep(out: Path, planned: list[PlannedCell], meta: dict[str, Any]) -> 
     """``sweep.json`` and the cells' configs. A cell folder whose config differs from the one
     it ran with is refused: its results would mix two settings under one name."""
     for p in planned:
-        text = dump_config(p.cfg)
+        text = config_text(p)
         if p.config_file.is_file() and p.config_file.read_text() != text and p.output_dir.exists():
             raise UserError(
                 f"cell {p.cell.name} already ran in {out} with another config ({p.config_file}); "
@@ -146,10 +158,16 @@ def write_sweep(out: Path, planned: list[PlannedCell], meta: dict[str, Any]) -> 
             )
     (out / "configs").mkdir(parents=True, exist_ok=True)
     for p in planned:
-        _write_atomic(p.config_file, dump_config(p.cfg))
+        _write_atomic(p.config_file, config_text(p))
     _write_atomic(
         out / SWEEP_FILE, json.dumps({**meta, "cells": [p.row() for p in planned]}, indent=2)
     )
+
+
+def config_text(p: PlannedCell) -> str:
+    """The cell's run config, with its world size (not a config key) in a comment, so that a
+    change of either is a changed cell."""
+    return f"# rosa-ds sweep cell {p.cell.name}: {p.cell.world_size} rank(s)\n" + dump_config(p.cfg)
 
 
 def _write_atomic(path: Path, text: str) -> None:

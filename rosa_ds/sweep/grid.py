@@ -1,5 +1,6 @@
 """The grid file of ``rosa-ds sweep``: axes of config overrides, expanded into cells with stable
-names (the same settings always give the same name, whatever else the grid holds).
+names (a cell's name comes from its own choices, so adding a value to an axis adds cells and
+renames none).
 
     base: tiny-lora                # the run config (or --config)
     fixed: {train.max_steps: 20}   # overrides every cell gets
@@ -10,7 +11,7 @@ names (the same settings always give the same name, whatever else the grid holds
       method:
         lora: {adapter.rank: 8}
         rosa: {adapter.rank: 8, adapter.density: 0.01}
-      train.seed: [0, 1]           # a config key and its values
+      seed: [0, 1]                 # a config key and its values
       world_size: [1, 2]           # ranks (GPUs) of the cell's run
     exclude:                       # optional: drop the cells that match every key
       - {model: 4m, world_size: 2}
@@ -22,6 +23,7 @@ a key axis by its last component (the whole key where two axes would share it).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -31,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from rosa_ds.config import parse_override
 from rosa_ds.errors import UserError
 
 WORLD_SIZE = "world_size"
@@ -132,7 +135,10 @@ def _axis(name: str, raw: Any) -> Axis:
     labels = [c.label for c in choices]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
-        raise UserError(f"grid axis {name}: choices {dupes} give the same name; rename them")
+        raise UserError(
+            f"grid axis {name}: values {dupes} give the same cell name; use named choices "
+            "(a mapping of name to overrides) to tell them apart"
+        )
     return Axis(name, tuple(choices))
 
 
@@ -148,18 +154,34 @@ def parse_grid(raw: Any, where: str = "grid") -> Grid:
     if not isinstance(axes_raw, dict) or not axes_raw:
         raise UserError(f"{where} needs an axes: mapping with at least one axis")
     fixed_raw = raw.get("fixed") or {}
-    if isinstance(fixed_raw, list):
-        fixed_raw = dict(item.split("=", 1) for item in map(str, fixed_raw) if "=" in item)
+    if isinstance(fixed_raw, list):  # dotted overrides as on the command line: key=value
+        fixed_raw = dict(parse_override(str(item)) for item in fixed_raw)
     fixed, fixed_world = _settings("fixed", fixed_raw)
     plan = raw.get("plan") or {}
     if not isinstance(plan, dict) or set(plan) - PLAN_KEYS:
         raise UserError(f"{where}: plan takes {', '.join(sorted(PLAN_KEYS))}, got {plan!r}")
+    for key in PLAN_KEYS - {"device"}:
+        value = plan.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or value <= 0):  # fmt: skip
+            raise UserError(f"{where}: plan.{key} must be a number > 0, got {value!r}")
+    if plan.get("device") not in (None, "gpu", "cpu"):
+        raise UserError(f"{where}: plan.device must be gpu or cpu, got {plan['device']!r}")
     base = raw.get("base")
     if base is not None and not isinstance(base, str):
         raise UserError(f"{where}: base must be a config name or path, got {base!r}")
     axes = [_axis(str(k), v) for k, v in axes_raw.items()]
+    sizing = [a.name for a in axes if any(c.world_size for c in a.choices)]
+    if len(sizing) > 1 or (sizing and fixed_world):
+        where_set = sizing + (["fixed"] if fixed_world else [])
+        raise UserError(
+            f"{where}: world_size is set by {', '.join(where_set)}; let one axis (or fixed) set it"
+        )
     exclude = _exclude(raw.get("exclude") or [], axes, where)
-    return Grid(base, fixed, axes, dict(plan), fixed_world or 1, exclude)
+    grid = Grid(base, fixed, axes, dict(plan), fixed_world or 1, exclude)
+    if not grid.cells():
+        raise UserError(f"{where}: exclude leaves no cell to run; loosen its rules")
+    return grid
 
 
 def _exclude(raw: Any, axes: list[Axis], where: str) -> list[dict[str, list[str]]]:
@@ -200,7 +222,19 @@ def load_grid(path: str | Path) -> Grid:
 
 def _short_names(axes: list[Axis]) -> list[str]:
     short = [a.name.split(".")[-1] for a in axes]
-    return [s if short.count(s) == 1 else a.name for s, a in zip(short, axes, strict=True)]
+    names = [s if short.count(s) == 1 else a.name for s, a in zip(short, axes, strict=True)]
+    return [re.sub(r"[^A-Za-z0-9._+-]+", "_", n).strip("._") or "axis" for n in names]
+
+
+MAX_NAME = 160  # a cell's folder, config and log carry its name; file names stop at 255 bytes
+
+
+def _cell_name(parts: list[str]) -> str:
+    name = "__".join(parts)
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{name[: MAX_NAME - 12]}__{digest}"
 
 
 def expand(grid: Grid) -> list[Cell]:
@@ -213,7 +247,7 @@ def expand(grid: Grid) -> list[Cell]:
         for choice in combo:
             overrides += choice.overrides
             world = choice.world_size or world
-        name = "__".join(f"{s}-{c.label}" for s, c in zip(shorts, combo, strict=True))
+        name = _cell_name([f"{s}-{c.label}" for s, c in zip(shorts, combo, strict=True)])
         labels = {a.name: c.label for a, c in zip(grid.axes, combo, strict=True)}
         if any(all(labels[k] in v for k, v in rule.items()) for rule in grid.exclude):
             continue

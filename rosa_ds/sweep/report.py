@@ -14,10 +14,10 @@ import csv
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
-from rosa_ds.errors import UserError
 from rosa_ds.sweep.cells import read_sweep
 
 LOSS_KEYS = ("eval_loss", "eval_ppl")
@@ -29,7 +29,7 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def _cell_row(cell: dict[str, Any]) -> dict[str, Any]:
+def _cell_row(cell: dict[str, Any], folder: Path | None = None) -> dict[str, Any]:
     plan = cell.get("plan") or {}
     row: dict[str, Any] = {
         "name": cell["name"],
@@ -45,6 +45,8 @@ def _cell_row(cell: dict[str, Any]) -> dict[str, Any]:
     if cell.get("skip"):
         return {**row, "status": f"skipped: {cell['skip']}"}
     path = Path(cell["output_dir"]) / "summary.json"
+    if not path.is_file() and folder is not None:  # a folder moved since: its own runs/
+        path = folder / "runs" / cell["name"] / "summary.json"
     try:
         s = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -78,7 +80,7 @@ def _cell_row(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 def collect(folder: Path) -> list[dict[str, Any]]:
-    return [_cell_row(c) for c in read_sweep(folder)["cells"]]
+    return [_cell_row(c, folder) for c in read_sweep(folder)["cells"]]
 
 
 def loglog_slope(points: list[tuple[float, float]]) -> float | None:
@@ -141,10 +143,12 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     try:
         import matplotlib
     except ImportError:
-        raise UserError(
-            "sweep report draws its plots with matplotlib; pip install 'rosa-ds[bench]' "
-            "(the table is written without it: results.csv)"
-        ) from None
+        print(
+            "rosa-ds sweep report: no plots: they need matplotlib (pip install 'rosa-ds[bench]'); "
+            "the table is in results.csv",
+            file=sys.stderr,
+        )
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -207,7 +211,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
 
 def report(folder: Path, out: Path | None = None) -> dict[str, Any]:
-    """Write the table, the plots and ``report.json``; returns what ``report.json`` holds."""
+    """Write the table, the plots and ``results.json``; returns what ``results.json`` holds
+    (and the plots' paths)."""
     rows = collect(folder)
     out = out or folder / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -224,6 +229,14 @@ def report(folder: Path, out: Path | None = None) -> dict[str, Any]:
     return result
 
 
+def _fmt(x: float | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    """A figure, or ``-`` where the cell did not report it (not a misleading 0)."""
+    width = int(spec.split(".")[0])
+    if x is None:
+        return "-".rjust(width + len(unit))
+    return format(x / scale, spec) + unit
+
+
 def format_report(result: dict[str, Any]) -> str:
     lines = [f"{result['finished']} of {result['cells']} cell(s) finished"]
     head = f"{'cell':<52} {'params':>9} {'trainable':>10} {'step s':>8} {'tok/s':>9} {'quality':>8}"
@@ -234,9 +247,10 @@ def format_report(result: dict[str, Any]) -> str:
             continue
         q = r["metric"] if r.get("metric") is not None else r.get("eval_loss")
         lines.append(
-            f"{r['name']:<52} {(r['model_params'] or 0) / 1e6:>8.2f}M "
-            f"{(r['trainable_params'] or 0) / 1e6:>9.3f}M {r['step_seconds'] or 0:>8.3f} "
-            f"{r['tokens_per_second'] or 0:>9.0f} {q if q is not None else float('nan'):>8.4f}"
+            f"{r['name']:<52} {_fmt(r.get('model_params'), '8.2f', 1e6, 'M')} "
+            f"{_fmt(r.get('trainable_params'), '9.3f', 1e6, 'M')} "
+            f"{_fmt(r.get('step_seconds'), '8.3f')} {_fmt(r.get('tokens_per_second'), '9.0f')} "
+            f"{_fmt(q, '8.4f')}"
         )
     for cost, fits in result["exponents"].items():
         pretty = ", ".join(f"{k} {v:.2f}" for k, v in sorted(fits.items()))
