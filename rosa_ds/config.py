@@ -224,6 +224,9 @@ class QuantConfig:
         return self.bits == 4
 
 
+CHAT_TEMPLATE_NAMES = ("chatml",)  # templates data.chat_template may name (data/tokenize.py)
+
+
 @dataclass
 class DataConfig:
     """The dataset, its schema and metric, and how examples become sequences."""
@@ -233,10 +236,20 @@ class DataConfig:
         "A bundled generator (arithmetic, multistep, sql), a local .json/.jsonl/.parquet file "
         "or folder, or a hub dataset id (online only).",
     )
-    format: Literal["auto", "prompt_response", "gsm8k", "sql_context"] = _f(
+    format: Literal[
+        "auto", "prompt_response", "gsm8k", "sql_context", "alpaca", "messages", "text"
+    ] = _f(
         "auto",
         "Schema of the records: prompt_response (prompt, response), gsm8k (question, answer with "
-        "'#### N'), sql_context (question, context, answer). auto: guessed from the fields.",
+        "'#### N'), sql_context (question, context, answer), alpaca (instruction, input, "
+        "output), messages (OpenAI messages or ShareGPT conversations: every assistant turn "
+        "trained), text (every token trained). auto: detected from the fields, and logged.",
+    )
+    columns: dict[str, str] = _f(
+        {}, "Rename fields before the format reads them: {source_field: format_field}."
+    )
+    train_on_inputs: bool = _f(
+        False, "Train on every token (prompts, user and system turns too), not the answers only."
     )
     metric: Literal["auto", "number_match", "sql_execution", "none"] = _f(
         "auto", "Task metric by generation; auto: from the format."
@@ -256,7 +269,11 @@ class DataConfig:
     )
     max_length: int = _f(256, "Longest tokenized example; longer ones are truncated.")
     packing: bool = _f(False, "Pack several examples into each sequence instead of padding.")
-    chat_template: bool = _f(True, "Use the tokenizer's chat template when it has one.")
+    chat_template: bool | str = _f(
+        True,
+        "true: the tokenizer's chat template when it has one; false: a plain ### Question / "
+        "### Answer template; or a template for models without one: chatml or a Jinja string.",
+    )
     seed: int = _f(1234, "Seed of the generators and of the held-out split.")
 
 
@@ -740,6 +757,18 @@ def _check_data_eval(cfg: RunConfig) -> None:
         0 < d.eval_fraction < 1, f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}"
     )
     _require(d.num_train > 0 and d.num_eval > 0, "data.num_train and data.num_eval must be > 0")
+    _require(
+        not isinstance(d.chat_template, str)
+        or d.chat_template in CHAT_TEMPLATE_NAMES
+        or "{" in d.chat_template,
+        f"data.chat_template must be true, false, {', '.join(CHAT_TEMPLATE_NAMES)} or a Jinja "
+        f"template, got {d.chat_template!r}",
+    )
+    _require(
+        all(isinstance(k, str) and isinstance(v, str) and v for k, v in d.columns.items()),
+        f"data.columns must map field names to field names, e.g. {{question: prompt}}; got "
+        f"{d.columns!r}",
+    )
     _require(
         1 <= d.difficulty <= 12,
         f"data.difficulty must be from 1 to 12 operations, got {d.difficulty}; e.g. data.difficulty=4",

@@ -31,7 +31,7 @@ from rosa_ds.checkpoint import (
 )
 from rosa_ds.config import RunConfig
 from rosa_ds.data.loading import TaskData, load_task_data
-from rosa_ds.data.tokenize import pack, tokenize_records
+from rosa_ds.data.tokenize import apply_template_choice, pack, tokenize_records
 from rosa_ds.dist import detect_placement
 from rosa_ds.ds_config import read_ds_config
 from rosa_ds.errors import UserError
@@ -291,11 +291,13 @@ def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
     check_adapters(cfg, hf_config, resume_from, training=training)
     data = load_task_data(cfg.data)
     tokenizer = load_tokenizer(model_path, cfg.model)
+    apply_template_choice(tokenizer, cfg.data.chat_template)
+    d = cfg.data
     train_examples = tokenize_records(
-        data.train, tokenizer, cfg.data.max_length, cfg.data.chat_template
+        data.train, tokenizer, d.max_length, d.chat_template, d.train_on_inputs
     )
     eval_examples = tokenize_records(
-        data.eval, tokenizer, cfg.data.max_length, cfg.data.chat_template
+        data.eval, tokenizer, d.max_length, d.chat_template, d.train_on_inputs
     )
     if cfg.data.packing:
         train_examples = pack(train_examples, cfg.data.max_length)

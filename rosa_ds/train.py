@@ -398,6 +398,8 @@ def train(
         trainer.planned_peak_bytes = plan_peak(cfg, placement.world_size)
     if placement.rank == 0:
         precision.announce(choice, cfg)
+        if prep.data.describe():  # after pre-flight: a bad input stays one line
+            print(f"rosa-ds: {prep.data.describe()}", file=sys.stderr)
     watchdog = Watchdog(
         placement.rank,
         placement.world_size,

@@ -1,10 +1,13 @@
-"""Load a dataset (bundled generator, local file or hub id) into prompt/response records.
+"""Load a dataset (bundled generator, local file or hub id) into training records.
 
-Every source is converted to one record schema: ``prompt`` and ``response`` (what is trained),
-``reference`` (what the metric compares with) and, for SQL, ``setup`` (the SQL that builds the
-table the queries run on). Known schemas: ``prompt_response``, ``gsm8k`` (GSM8K:
-question, answer ending in ``#### N``) and ``sql_context`` (sql-create-context: question,
-context, answer).
+Every source is converted to one of three record shapes: a single turn (``prompt`` and
+``response``, what is trained; ``reference``, what the metric compares with; for SQL ``setup``,
+the SQL that builds the table the queries run on), a conversation (``messages``: role/content
+turns, every assistant turn trained) or plain ``text`` (every token trained). Known schemas:
+``prompt_response``, ``gsm8k`` (GSM8K: question, answer ending in ``#### N``),
+``sql_context`` (sql-create-context: question, context, answer), ``alpaca`` (instruction,
+optional input, output), ``messages`` (OpenAI ``messages`` or ShareGPT ``conversations`` with
+from/value turns) and ``text``. ``data.columns`` renames fields first.
 """
 
 from __future__ import annotations
@@ -22,27 +25,77 @@ FORMAT_FIELDS = {
     "prompt_response": ("prompt", "response"),
     "gsm8k": ("question", "answer"),
     "sql_context": ("question", "context", "answer"),
+    "alpaca": ("instruction", "output"),
+    "messages": ("messages",),
+    "text": ("text",),
 }
-FORMAT_METRIC = {"prompt_response": "none", "gsm8k": "number_match", "sql_context": "sql_execution"}
+FORMAT_METRIC = {"prompt_response": "none", "gsm8k": "number_match", "sql_context": "sql_execution",
+                 "alpaca": "none", "messages": "none", "text": "none"}  # fmt: skip
+DETECT_ORDER = ("sql_context", "prompt_response", "gsm8k", "alpaca", "messages", "text")
+# ShareGPT's speakers and other common spellings, as the chat templates name the roles
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "model": "assistant", "bot": "assistant", "chatgpt": "assistant", "system": "system"}  # fmt: skip
 GENERATOR_FORMAT = {"arithmetic": "gsm8k", "multistep": "gsm8k", "sql": "sql_context"}
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
+                 ".arrow": "arrow"}  # fmt: skip
 
 
 @dataclass
 class TaskData:
     """Train and held-out records in one schema, with the metric that scores them."""
 
-    train: list[dict[str, str]]
-    eval: list[dict[str, str]]
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
     format: str
     metric: str
+    detected_from: list[str] | None = None  # the fields ``data.format: auto`` read
+
+    def describe(self) -> str | None:
+        """What ``auto`` detected, for the run's log (None when the format was given)."""
+        if self.detected_from is None:
+            return None
+        return f"data.format auto: {self.format} (fields {', '.join(self.detected_from)})"
 
 
 def sql_prompt(question: str, context: str) -> str:
     return f"Given the table:\n{context}\nWrite a SQLite query that answers: {question}"
 
 
-def to_record(row: dict[str, Any], fmt: str) -> dict[str, str]:
+def conversation(turns: Any, where: str) -> list[dict[str, str]]:
+    """OpenAI (role/content) or ShareGPT (from/value) turns as role/content with the roles a
+    chat template knows; at least one assistant turn."""
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: messages must be a non-empty list of turns")
+    out = []
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise UserError(f"{where}: turn {j} must be a mapping with role and content")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        mapped = ROLES.get(str(role).lower()) if role is not None else None
+        if mapped is None:
+            raise UserError(
+                f"{where}: turn {j} has role {role!r}; use one of system, user, assistant "
+                "(or ShareGPT's human, gpt)"
+            )
+        if not isinstance(content, str):
+            raise UserError(f"{where}: turn {j} content must be text, got {type(content).__name__}")
+        out.append({"role": mapped, "content": content})
+    if not any(t["role"] == "assistant" for t in out):
+        raise UserError(f"{where}: no assistant turn, so nothing to train; add one")
+    return out
+
+
+def to_record(row: dict[str, Any], fmt: str) -> dict[str, Any]:
+    if fmt == "alpaca":
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return {"prompt": prompt, "response": row["output"], "reference": row["output"]}
+    if fmt == "messages":
+        turns = conversation(row["messages"], "record")
+        last = next(t["content"] for t in reversed(turns) if t["role"] == "assistant")
+        return {"messages": turns, "reference": last}
+    if fmt == "text":
+        return {"text": row["text"], "reference": ""}
     if fmt == "prompt_response":
         return {"prompt": row["prompt"], "response": row["response"], "reference": row["response"]}
     if fmt == "gsm8k":
@@ -58,14 +111,24 @@ def to_record(row: dict[str, Any], fmt: str) -> dict[str, str]:
 
 
 def detect_format(columns: list[str], source: str) -> str:
-    for fmt in ("sql_context", "prompt_response", "gsm8k"):
+    for fmt in DETECT_ORDER:
         if all(c in columns for c in FORMAT_FIELDS[fmt]):
             return fmt
     raise UserError(
         f"dataset {source} has fields {sorted(columns)}, which match no known format; "
-        "give it prompt+response, question+answer (gsm8k) or question+context+answer "
-        "(sql_context) fields, or set data.format"
+        "give it prompt+response, question+answer (gsm8k), question+context+answer "
+        "(sql_context), instruction+output (alpaca), messages or conversations, or text "
+        "fields, rename yours with data.columns, or set data.format"
     )
+
+
+def rename_columns(rows: list[dict[str, Any]], columns: dict[str, str]) -> list[dict[str, Any]]:
+    """``data.columns`` (source field -> the field a format reads); ShareGPT's
+    ``conversations`` is ``messages``."""
+    mapping = {"conversations": "messages", **columns}
+    if not any(k in row for row in rows[:1] for k in mapping):
+        return rows
+    return [{mapping.get(k, k): v for k, v in row.items()} for row in rows]
 
 
 def _check_rows(rows: list[dict[str, Any]], fmt: str, source: str, split: str) -> None:
@@ -76,6 +139,9 @@ def _check_rows(rows: list[dict[str, Any]], fmt: str, source: str, split: str) -
         )
     needed = FORMAT_FIELDS[fmt]
     for i, row in enumerate(rows):
+        if fmt == "messages":
+            conversation(row.get("messages"), f"dataset {source} record {i} of split {split}")
+            continue
         for name in needed:
             value = row.get(name)
             if value is None or (isinstance(value, str) and not value.strip()):
@@ -95,7 +161,7 @@ def _check_rows(rows: list[dict[str, Any]], fmt: str, source: str, split: str) -
 def _local_files(path: Path) -> dict[str, list[str]]:
     if path.is_file():
         if path.suffix not in FILE_BUILDERS:
-            raise UserError(f"dataset file {path} must be .json, .jsonl or .parquet")
+            raise UserError(f"dataset file {path} must be .json, .jsonl, .parquet, .csv or .arrow")
         return {"train": [str(path)]}
     files: dict[str, list[str]] = {}
     for f in sorted(path.iterdir()):
@@ -103,7 +169,9 @@ def _local_files(path: Path) -> dict[str, list[str]]:
             split = f.stem.split("-")[0].split(".")[0]
             files.setdefault(split, []).append(str(f))
     if not files:
-        raise UserError(f"dataset folder {path} has no .json, .jsonl or .parquet files")
+        raise UserError(
+            f"dataset folder {path} has no .json, .jsonl, .parquet, .csv or .arrow files"
+        )
     return files
 
 
@@ -168,6 +236,7 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         train_rows = generate(cfg.dataset, cfg.num_train, cfg.seed, cfg.difficulty)
         eval_rows = generated_heldout(cfg, {r["question"] for r in train_rows})
         source = f"generator {cfg.dataset}"
+        detected = False
     else:
         splits, source = _load_splits(cfg)
         if cfg.train_split not in splits:
@@ -175,11 +244,12 @@ def load_task_data(cfg: DataConfig) -> TaskData:
                 f"dataset {source} has no split {cfg.train_split!r} (it has "
                 f"{', '.join(splits)}); set data.train_split"
             )
-        train_rows = splits[cfg.train_split]
+        train_rows = rename_columns(splits[cfg.train_split], cfg.columns)
         columns = sorted({k for row in train_rows[:100] for k in row})
         fmt = cfg.format if cfg.format != "auto" else detect_format(columns, source)
+        detected = cfg.format == "auto"
         if cfg.eval_split and cfg.eval_split in splits:
-            eval_rows = splits[cfg.eval_split]
+            eval_rows = rename_columns(splits[cfg.eval_split], cfg.columns)
         else:
             order = list(range(len(train_rows)))
             random.Random(cfg.seed).shuffle(order)
@@ -195,4 +265,5 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         eval=[to_record(r, fmt) for r in eval_rows],
         format=fmt,
         metric=metric,
+        detected_from=columns if detected else None,
     )

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rosa_ds.config import RunConfig, dump_config, load_config
 from rosa_ds.errors import UserError
 from rosa_ds.plan import GIB, inputs_from_config, min_gpus, plan
@@ -146,15 +148,39 @@ def preflight(planned: list[PlannedCell]) -> None:
             raise UserError(f"cell {p.cell.name}: {exc}") from None
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def changed_settings(old_text: str, new_text: str) -> list[str]:
+    """The keys whose values differ between a cell's config as it ran and now, and its world
+    size (the header line). Keys only one side has (a newer rosa-ds added or dropped them, with
+    their defaults) are not a change: an upgrade does not orphan a finished sweep."""
+    old_head, new_head = old_text.split("\n", 1)[0], new_text.split("\n", 1)[0]
+    old, new = _flat(yaml.safe_load(old_text) or {}), _flat(yaml.safe_load(new_text) or {})
+    diff = [k for k in old.keys() & new.keys() if old[k] != new[k]]
+    if old_head.startswith("#") and old_head != new_head:
+        diff.append("world_size")
+    return sorted(diff)
+
+
 def write_sweep(out: Path, planned: list[PlannedCell], meta: dict[str, Any]) -> None:
-    """``sweep.json`` and the cells' configs. A cell folder whose config differs from the one
+    """``sweep.json`` and the cells' configs. A cell folder whose settings differ from the ones
     it ran with is refused: its results would mix two settings under one name."""
     for p in planned:
-        text = config_text(p)
-        if p.config_file.is_file() and p.config_file.read_text() != text and p.output_dir.exists():
+        if not (p.config_file.is_file() and p.output_dir.exists()):
+            continue
+        diff = changed_settings(p.config_file.read_text(), config_text(p))
+        if diff:
             raise UserError(
-                f"cell {p.cell.name} already ran in {out} with another config ({p.config_file}); "
-                f"choose another --out or delete {p.output_dir} and {p.config_file}"
+                f"cell {p.cell.name} already ran in {out} with other settings "
+                f"({', '.join(diff[:4])}); choose another --out or delete {p.output_dir} and "
+                f"{p.config_file}"
             )
     (out / "configs").mkdir(parents=True, exist_ok=True)
     for p in planned:
