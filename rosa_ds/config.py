@@ -45,6 +45,19 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) for hub ids.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub; off unless you trust it.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = _f(
+        "auto",
+        "Attention kernel: eager, sdpa or flash_attention_2 (a CUDA GPU and the flash-attn "
+        "package); auto: transformers' default (sdpa where the model supports it).",
+    )
+
+    def load_kwargs(self) -> dict[str, str]:
+        """What ``from_pretrained`` / ``from_config`` get for the attention kernel."""
+        return (
+            {}
+            if self.attn_implementation == "auto"
+            else {"attn_implementation": self.attn_implementation}
+        )
 
 
 @dataclass
@@ -564,7 +577,17 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        errors = []
+        for option in inner:  # the first type that takes the value (bool | str: true, chatml)
+            try:
+                return _coerce(value, option, key)
+            except UserError as exc:
+                errors.append(exc)
+        raise (
+            errors[0]
+            if len(inner) == 1
+            else UserError(f"{key} must be {_type_name(typ)}, got {value!r}")
+        )
     if origin is Literal:
         if value not in args:
             raise UserError(f"{key} must be {_type_name(typ)}, got {value!r}")

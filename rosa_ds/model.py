@@ -236,7 +236,11 @@ def _from_pretrained(path: str, cfg: ModelConfig, dtype: Any) -> PreTrainedModel
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype
+        path,
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=dtype,
+        **cfg.load_kwargs(),
     )
 
 

@@ -866,6 +866,8 @@ def inputs_from_config(
         mask_phase=ad.robust.mask_file is None,
         warmup_rank=ad.robust.warmup_rank,
         steps=t.max_steps,
+        # flash attention keeps what sdpa's memory-efficient kernels keep
+        attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
     )
     zero = ds.get("zero_optimization", {})
     for key, name in [("stage3_max_reuse_distance", "max_reuse_distance"),

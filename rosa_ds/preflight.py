@@ -270,6 +270,23 @@ def check_weight_files(model_path: str, need_safetensors: bool) -> None:
         )
 
 
+def check_attention(kind: str) -> None:
+    """flash_attention_2 needs its package and a CUDA GPU: say so before loading anything."""
+    if kind != "flash_attention_2":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package "
+            "(pip install flash-attn --no-build-isolation); or use sdpa"
+        )
+    if not torch.cuda.is_available():
+        raise UserError(
+            "model.attn_implementation=flash_attention_2 runs on CUDA GPUs only; use sdpa here"
+        )
+
+
 def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
     placement = detect_placement()
     t = cfg.train
@@ -286,6 +303,7 @@ def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
         check_output_dir(cfg.output_dir, resume is not None)
         resume_from = find_resume(cfg.output_dir, resume)
     read_ds_config(cfg.deepspeed.config)
+    check_attention(cfg.model.attn_implementation)
     model_path, hf_config = check_model(cfg.model)
     check_weight_files(model_path, need_safetensors=cfg.adapter.resampling)
     check_adapters(cfg, hf_config, resume_from, training=training)

@@ -94,6 +94,10 @@ def _case(name: str, tmp: Path) -> tuple[list[str], dict[str, str], str]:
         return ["train", "--config", "tiny-lorra", out], {}, "unknown config"
     if name == "unknown_ds_config":
         return [*base, "deepspeed.config=zero9"], {}, "unknown DeepSpeed config"
+    if name == "flash_attention_without_it":  # no flash-attn package or no CUDA GPU here
+        return [*base, "model.attn_implementation=flash_attention_2"], {}, "flash"
+    if name == "chat_template_unknown":
+        return [*base, "data.chat_template=vicuna"], {}, "data.chat_template must be true, false"
     if name == "too_few_examples":
         path = _jsonl(tmp / "d.jsonl", rows[:6])
         return [*base, f"data.dataset={path}"], {}, "fewer than one global batch"
@@ -293,6 +297,8 @@ CASES = [
     "heartbeat_negative",
     "export_base_missing",
     "eval_foreign_subspace_adapter",
+    "flash_attention_without_it",
+    "chat_template_unknown",
 ]
 
 

@@ -184,3 +184,15 @@ def test_each_format_trains_the_tiny_model(tmp_path, fmt):
     losses = summary["losses"]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+
+
+def test_chat_template_takes_a_name_a_jinja_string_or_a_switch():
+    from rosa_ds.config import load_config
+
+    def value(text: str):
+        return load_config("tiny-lora", [f"data.chat_template={text}"]).data.chat_template
+
+    assert value("chatml") == "chatml" and value("false") is False
+    assert value("{% for m in messages %}{{ m['content'] }}{% endfor %}").startswith("{% for")
+    with pytest.raises(UserError, match="data.chat_template must be true, false, chatml or a"):
+        value("vicuna")

@@ -160,6 +160,47 @@ def test_communication():
     assert wide < 1.2 * plan(replace(inp, density=0.0015)).comm_mask_step
 
 
+@pytest.mark.parametrize("name", ["llama3-8b-lora", "llama3-8b-rosa", "llama3-70b-qrosa"])
+def test_real_scale_configs_fit_the_gpus_their_launch_commands_ask_for(name):
+    """Each shipped config for a real model says in its header the plan command, the peak it
+    plans and how to launch it: the plan fits 80 GiB GPUs at the GPU count the launch gives."""
+    import re
+
+    from rosa_ds.config import load_config
+
+    header = (Path(__file__).parents[1] / "rosa_ds" / "configs" / f"{name}.yaml").read_text()
+    gpus, planned = re.search(
+        rf"rosa-ds plan --config {name} --gpus (\d+) +# (\d+) GiB", header
+    ).groups()
+    if m := re.search(r"--num_gpus (\d+)", header):
+        launched = int(m.group(1))
+    else:
+        nodes, per_node = re.search(r"--nodes=(\d+) --ntasks-per-node=(\d+)", header).groups()
+        launched = int(nodes) * int(per_node)
+    assert launched == int(gpus)
+    bd = plan(inputs_from_config(load_config(name), gpus=int(gpus)))
+    assert bd.peak < 80 * GIB
+    assert round(bd.peak / GIB) == int(planned)
+
+
+def test_the_attention_kernel_reaches_the_model_and_the_plan():
+    """model.attn_implementation: eager is planned with its fp32 softmax; auto and sdpa alike."""
+    import torch
+
+    from rosa_ds.config import load_config
+    from rosa_ds.model import load_model, resolve_model_path
+
+    eager = load_config("tiny-lora", ["model.attn_implementation=eager"])
+    auto = load_config("tiny-lora")
+    assert inputs_from_config(eager).attention == "eager"
+    assert inputs_from_config(auto).attention == "sdpa"
+    assert plan(inputs_from_config(eager)).activations > plan(inputs_from_config(auto)).activations
+    path = resolve_model_path(eager.model)
+    model = load_model(path, eager.model, torch.float32)
+    assert model.config._attn_implementation == "eager"
+    assert load_model(path, auto.model, torch.float32).config._attn_implementation == "sdpa"
+
+
 def test_bad_inputs():
     for bad in [dict(rank=-1), dict(density=1.5), dict(gpus=0), dict(zero_stage=4),
                 dict(targets=("nope",)), dict(rank=0), dict(quant=8)]:  # fmt: skip

@@ -118,7 +118,10 @@ def load_streaming(
     )
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed
         model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
+            config,
+            dtype=dtype,
+            trust_remote_code=model_cfg.trust_remote_code,
+            **model_cfg.load_kwargs(),
         )
     names = quant_targets(model, adapter, quant)
     handles: dict[Path, Any] = {}
