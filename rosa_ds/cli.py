@@ -1,4 +1,4 @@
-"""``rosa-ds train | eval | export | env | plan | sweep``: the command line.
+"""``rosa-ds train | eval | export | generate | env | plan | sweep``: the command line.
 
 Bad input (config, command line, data, checkpoints) is one line on stderr and exit code 2. A
 run that cannot go on (a lost rank, non-finite numbers) is one line and exit code 1, naming the
@@ -29,6 +29,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
 
 
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", help="a run's output_dir (its adapter and its chat template)")
+    p.add_argument("--adapter", help="an adapter folder instead of --run")
+    p.add_argument("--base", help="the base model (default: the adapter's); alone: no adapter")
+    p.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--file", "-f", help="prompts, one per line, or JSONL with prompt or messages")
+    p.add_argument("--chat", action="store_true", help="an interactive chat on stdin")
+    p.add_argument("--system", help="a system turn first (chat template models)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--no-chat-template", action="store_true", help="the plain ### template")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto")
+    p.add_argument("--seed", type=int, default=0, help="for sampling (--temperature > 0)")
+    p.add_argument("--json", action="store_true", help="one JSON line per prompt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="rosa-ds",
@@ -57,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write (default: <run>/export)")
     p.add_argument("--base", help="base model, if not the one recorded in the adapter")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto")
+    p = sub.add_parser(
+        "generate",
+        help="text from a run (any method), an adapter or a base model: prompts or a chat",
+    )
+    _add_generate_args(p)
     p = sub.add_parser("env", help="installed packages, accelerator, backend and kernels")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("plan", help="memory and communication per GPU, before any run")
@@ -136,6 +158,10 @@ def run(argv: list[str] | None = None) -> int:
         for kind, path in written.items():
             print(f"{kind}: {path}")
         return 0
+    if args.command == "generate":
+        from rosa_ds.generate import run_generate
+
+        return run_generate(args)
     if args.command == "env":
         from rosa_ds.env_report import environment_report, format_report
 

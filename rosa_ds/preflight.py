@@ -7,6 +7,7 @@ output directory.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -274,8 +275,6 @@ def check_attention(kind: str) -> None:
     """flash_attention_2 needs its package and a CUDA GPU: say so before loading anything."""
     if kind != "flash_attention_2":
         return
-    import importlib.util
-
     if importlib.util.find_spec("flash_attn") is None:
         raise UserError(
             "model.attn_implementation=flash_attention_2 needs the flash-attn package "

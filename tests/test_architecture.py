@@ -18,7 +18,7 @@ PACKAGE = REPO / "rosa_ds"
 # Layer of every module, top (0) to bottom; a module may import its own layer or lower ones.
 LAYERS = {
     0: ["cli", "env_report", "plan", "export", "sweep"],  # the face: commands
-    1: ["train", "evaluate", "telemetry"],  # the training loop and evaluation
+    1: ["train", "evaluate", "telemetry", "generate"],  # the loop, evaluation, generation
     2: ["methods"],  # one class per method
     3: [
         "engine",
