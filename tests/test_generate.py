@@ -90,11 +90,5 @@ def test_the_chat_answers_with_the_conversation_so_far(runs, monkeypatch, capsys
     ],
 )
 def test_bad_generate_arguments_are_one_line(args, message):
-    with pytest.raises(
-        UserError,
-        match=message.replace("(", r"\(")
-        .replace(")", r"\)")
-        .replace("[", r"\[")
-        .replace("]", r"\]"),
-    ):
+    with pytest.raises(UserError, match=re.escape(message)):
         run(["generate", *args])
