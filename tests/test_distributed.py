@@ -158,8 +158,8 @@ def _first_step(out: Path) -> tuple[float, float]:
 def test_the_step_loss_is_the_mean_over_the_global_batchs_label_tokens(
     single_run, zero3_run, tmp_path
 ):
-    """The same global batch of 8 examples at micro-batch 1 (8 accumulation steps), 2 (4; and
-    2 ranks x 2 under ZeRO-3) and 4 (2): one loss, the mean over its label tokens (computed
+    """The same global batch of 8 examples at micro-batch 1 (8 accumulation steps) and 2 (4;
+    and 2 ranks x 2 under ZeRO-3): one loss, the mean over its label tokens (computed
     here from the base model, which a fresh LoRA leaves unchanged), and one gradient norm."""
     from transformers import AutoModelForCausalLM
 
@@ -168,7 +168,7 @@ def test_the_step_loss_is_the_mean_over_the_global_batchs_label_tokens(
     from rosa_ds.preflight import prepare
 
     runs = {"micro 2, 1 rank": single_run[0], "micro 2, 2 ranks ZeRO-3": zero3_run[0]}
-    for micro in (1, 4):
+    for micro in (1,):
         out = tmp_path / f"micro-{micro}"
         train_ok([*COMMON, f"output_dir={out}", "train.max_steps=1", "train.save_every=1",
                   f"train.micro_batch_size={micro}"])  # fmt: skip

@@ -132,7 +132,7 @@ def _two_ranks(script_args: list[str]) -> list[tuple[int, str]]:
 def test_ranks_that_resolve_auto_differently_stop_with_one_line(tmp_path):
     """Rank 0 computes bf16 natively, rank 1 does not: auto would mix dtypes, so the job stops
     after the process group starts, with one line and exit code 2, before anything is written;
-    an explicit precision is the config's on every rank and trains."""
+    the next test checks the explicit precision the message asks for."""
     base = ["train", "--config", "tiny-lora", "train.max_steps=1", "eval.num_generate=0"]
     out = tmp_path / "auto"
     (code0, err0), (code1, err1) = _two_ranks([*base, f"output_dir={out}", "train.precision=auto"])
@@ -141,5 +141,15 @@ def test_ranks_that_resolve_auto_differently_stop_with_one_line(tmp_path):
     assert len(lines) == 1 and "resolved to bf16 on 1 of 2 ranks" in lines[0], lines
     assert "Traceback" not in err0 + err1
     assert not out.exists() or not any(out.iterdir())
-    fixed = _two_ranks([*base, f"output_dir={tmp_path / 'fp32'}", "train.precision=fp32"])
-    assert [code for code, _ in fixed] == [0, 0], fixed[0][1][-3000:]
+
+
+def test_an_explicit_precision_is_the_same_on_ranks_that_differ_in_native_bf16(monkeypatch):
+    """What the two-rank stop above asks the user to do: an explicit precision does not depend
+    on the device, so ranks that differ in native bf16 agree (auto would not)."""
+    used = {}
+    for native in (True, False):
+        monkeypatch.setattr(precision, "native_bf16", lambda *a, n=native: (n, "stub"))
+        used[native] = {r: precision.choose(r, "cpu").used for r in ("fp32", "bf16", "auto")}
+    assert used[True]["fp32"] == used[False]["fp32"] == "fp32"
+    assert used[True]["bf16"] == used[False]["bf16"] == "bf16"
+    assert used[True]["auto"] != used[False]["auto"]

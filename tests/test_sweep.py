@@ -304,15 +304,52 @@ def test_report_writes_the_table_the_plots_and_the_slopes(tmp_path):
     assert json.loads((out / "results.json").read_text())["cells"] == 4
 
 
+RANK = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+    "time.sleep(120)\n"
+)
+# a launcher's process tree: a runner starts a launcher, which starts two ranks and exits with
+# the first failing rank's code (as deepspeed's runner and launch.py do)
+LAUNCH = (
+    "import subprocess, sys\n"
+    f"ranks = [subprocess.Popen([sys.executable, '-c', {RANK!r}]) for _ in range(2)]\n"
+    "sys.exit(max(r.wait() for r in ranks))\n"
+)
+RUNNER = f"import subprocess, sys\nsys.exit(subprocess.call([sys.executable, '-c', {LAUNCH!r}]))\n"
+
+
+def test_a_stop_reaches_the_ranks_a_launcher_starts_not_the_launchers():
+    """``_ranks`` finds the launcher's children, and a stop asked while they start still
+    reaches them: the runner ends with the ranks' 75."""
+    import psutil
+
+    from rosa_ds.sweep.local import _ranks, _Stop
+
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER], start_new_session=True)
+    try:
+        stop = _Stop()
+        stop.requested = 1  # asked before the ranks exist: wait() keeps asking as they appear
+        assert stop.wait(proc, world=2) == 75
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    single = subprocess.Popen([sys.executable, "-c", RANK])
+    try:
+        (rank,) = _ranks(single, world=1)
+        assert rank.pid == single.pid and isinstance(rank, psutil.Process)
+    finally:
+        single.kill()
+
+
 @pytest.mark.slow
-@pytest.mark.distributed
 def test_an_interrupted_local_sweep_continues_where_it_stopped(tmp_path):
-    """Ctrl-C while the second cell (2 ranks, deepspeed launcher) trains: it checkpoints and
-    the sweep exits with 75; the same command skips the finished cell, resumes the stopped one
-    from its checkpoint and finishes it."""
+    """Ctrl-C while the second cell trains: it checkpoints and the sweep exits with 75; the
+    same command skips the finished cell, resumes the stopped one from its checkpoint and
+    finishes it. (How a stop reaches the ranks of a launcher: the test before this one.)"""
     lengths = {
         "short": {"train.max_steps": 2},
-        "long": {"train.max_steps": 40, "train.save_every": 1000, "world_size": 2},
+        "long": {"train.max_steps": 40, "train.save_every": 1000},
     }
     fixed = {"eval.num_generate": 0, "train.log_every": 1, "data.num_train": 64}
     grid = tmp_path / "grid.yaml"
@@ -341,6 +378,6 @@ def test_an_interrupted_local_sweep_continues_where_it_stopped(tmp_path):
     log = (out / "logs" / "length-long.log").read_text()
     assert "train.auto_resume: continuing from" in log
     summary = json.loads((long / "summary.json").read_text())
-    assert summary["resumed_from"] == stopped_at and summary["world_size"] == 2
+    assert summary["resumed_from"] == stopped_at
     result = report(out)
     assert result["finished"] == 2
