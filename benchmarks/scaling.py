@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rosa_ds.ladder import LADDER  # noqa: E402
+from rosa_ds.sweep.cells import figure  # noqa: E402
 from rosa_ds.sweep.report import loglog_slope, report  # noqa: E402
 
 METHODS = {
@@ -142,14 +143,11 @@ def main() -> None:
             net = (r["peak_measured_gib"] - fixed_gib) / r["peak_planned_gib"]
             mem_err_net.append(abs(net - 1))
 
-        def fmt(x, spec):
-            return format(x, spec) if x is not None else "-".rjust(int(spec.split(".")[0]))
-
         print(
             f"{r['name']:<36} {r['model_params'] / 1e6:>7.1f}M {r['step_seconds']:>8.3f} "
-            f"{planned_t:>8.3f} {achieved:>8.3f} {fmt(r['peak_measured_gib'], '8.3f')} "
-            f"{fmt(r['peak_planned_gib'], '8.3f')} {fmt(r['mask_seconds'], '7.2f')} "
-            f"{fmt(r['resample_seconds'], '10.2f')}"
+            f"{planned_t:>8.3f} {achieved:>8.3f} {figure(r['peak_measured_gib'], '8.3f')} "
+            f"{figure(r['peak_planned_gib'], '8.3f')} {figure(r['mask_seconds'], '7.2f')} "
+            f"{figure(r['resample_seconds'], '10.2f')}"
         )
     ex = result["exponents"]
     steps = ex.get("step_seconds", {})

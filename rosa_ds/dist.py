@@ -100,7 +100,8 @@ def detect_placement(env: dict[str, str] | None = None) -> Placement:
     return Placement(0, 1, 0, "single")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous or a launcher's master)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -216,7 +217,7 @@ def prepare_environment(placement: Placement) -> None:
     env = os.environ
     if placement.launcher == "single":
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     elif placement.launcher == "slurm":
         if "MASTER_ADDR" not in env:
             env["MASTER_ADDR"] = slurm_master_addr(slurm_nodelist(dict(env)))

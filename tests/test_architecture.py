@@ -189,6 +189,7 @@ def test_the_command_line_does_not_import_torch_before_it_knows_the_command():
     [
         "def _is_zero3",
         "def _world",
+        "def _free_port(",
         "def _rank(",
         "def _quantized",
         "def _full_fp32",

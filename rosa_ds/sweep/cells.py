@@ -216,6 +216,14 @@ def read_sweep(folder: Path) -> dict[str, Any]:
         ) from None
 
 
+def figure(x: float | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    """A figure, or ``-`` where the cell did not report it (not a misleading 0)."""
+    width = int(spec.split(".")[0])
+    if x is None:
+        return "-".rjust(width + len(unit))
+    return format(x / scale, spec) + unit
+
+
 def _count(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
@@ -232,13 +240,10 @@ def format_table(planned: list[PlannedCell]) -> str:
             )
             continue
 
-        def num(x: float | None, spec: str) -> str:
-            return format(x, spec) if x is not None else "-"
-
         status = f"skip: {p.skip}" if p.skip else ("done" if p.done else "to run")
         rows.append(
             f"{p.cell.name:<52} {p.cell.world_size:>4} {_count(f['trainable_params']):>11} "
-            f"{f['peak_gib']:>9.2f} {num(f['step_seconds'], '8.3f'):>8} "
-            f"{num(f['gpu_hours'], '8.1f'):>8}  {status}"
+            f"{f['peak_gib']:>9.2f} {figure(f['step_seconds'], '8.3f'):>8} "
+            f"{figure(f['gpu_hours'], '8.1f'):>8}  {status}"
         )
     return "\n".join(rows)

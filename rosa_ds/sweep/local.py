@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,9 @@ from types import FrameType
 import psutil
 from filelock import FileLock, Timeout
 
+from rosa_ds.dist import free_port
 from rosa_ds.preemption import PREEMPTED_EXIT_CODE
 from rosa_ds.sweep.cells import ENTRY, PlannedCell
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_command(cell: PlannedCell) -> list[str]:
@@ -44,7 +38,7 @@ def train_command(cell: PlannedCell) -> list[str]:
         "--num_gpus",
         str(cell.cell.world_size),
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(ENTRY),
         *args,
     ]

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rosa_ds.sweep.cells import read_sweep
+from rosa_ds.sweep.cells import figure, read_sweep
 
 LOSS_KEYS = ("eval_loss", "eval_ppl")
 COLUMNS = [
@@ -229,14 +229,6 @@ def report(folder: Path, out: Path | None = None) -> dict[str, Any]:
     return result
 
 
-def _fmt(x: float | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
-    """A figure, or ``-`` where the cell did not report it (not a misleading 0)."""
-    width = int(spec.split(".")[0])
-    if x is None:
-        return "-".rjust(width + len(unit))
-    return format(x / scale, spec) + unit
-
-
 def format_report(result: dict[str, Any]) -> str:
     lines = [f"{result['finished']} of {result['cells']} cell(s) finished"]
     head = f"{'cell':<52} {'params':>9} {'trainable':>10} {'step s':>8} {'tok/s':>9} {'quality':>8}"
@@ -247,10 +239,10 @@ def format_report(result: dict[str, Any]) -> str:
             continue
         q = r["metric"] if r.get("metric") is not None else r.get("eval_loss")
         lines.append(
-            f"{r['name']:<52} {_fmt(r.get('model_params'), '8.2f', 1e6, 'M')} "
-            f"{_fmt(r.get('trainable_params'), '9.3f', 1e6, 'M')} "
-            f"{_fmt(r.get('step_seconds'), '8.3f')} {_fmt(r.get('tokens_per_second'), '9.0f')} "
-            f"{_fmt(q, '8.4f')}"
+            f"{r['name']:<52} {figure(r.get('model_params'), '8.2f', 1e6, 'M')} "
+            f"{figure(r.get('trainable_params'), '9.3f', 1e6, 'M')} "
+            f"{figure(r.get('step_seconds'), '8.3f')} {figure(r.get('tokens_per_second'), '9.0f')} "
+            f"{figure(q, '8.4f')}"
         )
     for cost, fits in result["exponents"].items():
         pretty = ", ".join(f"{k} {v:.2f}" for k, v in sorted(fits.items()))
