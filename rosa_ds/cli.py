@@ -1,4 +1,4 @@
-"""``rosa-ds train | eval | export | generate | env | plan | sweep``: the command line.
+"""``rosa-ds train | prepare | eval | export | generate | env | plan | sweep``: the command line.
 
 Bad input (config, command line, data, checkpoints) is one line on stderr and exit code 2. A
 run that cannot go on (a lost rank, non-finite numbers) is one line and exit code 1, naming the
@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize (and pack) a config's data into the cache ahead of a job",
+        description="Load, tokenize and pack the data of a run config into the tokenized-data "
+        "cache (data.cache_dir), where every rank of the run, its resumes and later runs with "
+        "the same data, tokenizer and settings find it.",
+    )
+    _add_config_args(p)
     p = sub.add_parser("eval", help="held-out loss, perplexity and task metric")
     _add_config_args(p)
     p.add_argument("--adapter", help="adapter folder (default: <output_dir>/adapter if present)")
@@ -147,6 +155,11 @@ def run(argv: list[str] | None = None) -> int:
             if _is_main_rank():
                 print(json.dumps(results, indent=2))
         return 0
+    if args.command == "prepare":
+        from rosa_ds.config import load_config
+        from rosa_ds.data.prepare import run_prepare
+
+        return run_prepare(load_config(args.config, args.overrides))
     if args.command == "export":
         from rosa_ds.export import export
 

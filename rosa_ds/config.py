@@ -238,6 +238,30 @@ class QuantConfig:
 
 
 CHAT_TEMPLATE_NAMES = ("chatml",)  # templates data.chat_template may name (data/tokenize.py)
+DATA_FORMATS = ("prompt_response", "gsm8k", "sql_context", "alpaca", "messages", "text")
+
+
+@dataclass
+class DatasetSource:
+    """One dataset of a mix (``data.datasets``): where it is, its share of the training
+    examples, and how it is read; unset keys take the data section's value."""
+
+    path: str = _f("", "A generator, a local file or folder, or a hub id (as data.dataset).")
+    weight: float = _f(
+        1.0,
+        "Share of the mixed training examples, relative to the other entries' weights; the mix "
+        "holds as many examples as its sources together, so a source whose share exceeds its "
+        "size repeats (seeded), one below it is a seeded subset.",
+    )
+    format: Literal["auto", *DATA_FORMATS] | None = _f(None, "As data.format, for this source.")
+    columns: dict[str, str] | None = _f(None, "As data.columns, for this source.")
+    subset: str | None = _f(None, "As data.subset.")
+    train_split: str | None = _f(None, "As data.train_split.")
+    eval_split: str | None = _f(None, "As data.eval_split.")
+    eval_fraction: float | None = _f(None, "As data.eval_fraction.")
+    num_train: int | None = _f(None, "As data.num_train (generators).")
+    num_eval: int | None = _f(None, "As data.num_eval (generators).")
+    difficulty: int | None = _f(None, "As data.difficulty (multistep).")
 
 
 @dataclass
@@ -249,9 +273,7 @@ class DataConfig:
         "A bundled generator (arithmetic, multistep, sql), a local .json/.jsonl/.parquet file "
         "or folder, or a hub dataset id (online only).",
     )
-    format: Literal[
-        "auto", "prompt_response", "gsm8k", "sql_context", "alpaca", "messages", "text"
-    ] = _f(
+    format: Literal["auto", *DATA_FORMATS] = _f(
         "auto",
         "Schema of the records: prompt_response (prompt, response), gsm8k (question, answer with "
         "'#### N'), sql_context (question, context, answer), alpaca (instruction, input, "
@@ -260,6 +282,12 @@ class DataConfig:
     )
     columns: dict[str, str] = _f(
         {}, "Rename fields before the format reads them: {source_field: format_field}."
+    )
+    datasets: list[DatasetSource] = _f(
+        [],
+        "Several datasets mixed by weight, replacing data.dataset: a list of {path, weight, "
+        "format, columns, ...} (keys under data.datasets[]); held-out examples of every source "
+        "are evaluated together, scored by the metric they share (else loss only).",
     )
     train_on_inputs: bool = _f(
         False, "Train on every token (prompts, user and system turns too), not the answers only."
@@ -287,6 +315,20 @@ class DataConfig:
         "true: the tokenizer's chat template when it has one; false: a plain ### Question / "
         "### Answer template; or a template for models without one: chatml or a Jinja string.",
     )
+    cache: bool = _f(
+        True,
+        "Tokenize once: keep the tokenized (and packed) splits under a hash of the data, the "
+        "tokenizer and these settings, shared by every rank, resume and later runs (rosa-ds "
+        "prepare fills it ahead of a job); false: tokenize in memory on every start.",
+    )
+    cache_dir: str | None = _f(
+        None,
+        "Where the tokenized data is kept; unset: tokenized/ in $ROSA_DS_CACHE, else in "
+        "~/.cache/rosa-ds.",
+    )
+    num_proc: int = _f(
+        0, "Processes that tokenize (datasets.map); 0: one per 2000 records, at most 8."
+    )
     seed: int = _f(1234, "Seed of the generators and of the held-out split.")
 
 
@@ -294,7 +336,13 @@ class DataConfig:
 class TrainConfig:
     """Optimizer steps, batches, the schedule, precision, checkpoints and logging."""
 
-    max_steps: int = _f(100, "Optimizer steps to run (> 0).")
+    max_steps: int = _f(100, "Optimizer steps to run (> 0); train.num_epochs, when set, decides.")
+    num_epochs: float | None = _f(
+        None,
+        "Passes over the training data instead of max_steps: max_steps becomes ceil(num_epochs "
+        "x sequences / global_batch_size) once the data is tokenized (and packed), logged at "
+        "start and kept in config.yaml; fractions are allowed (0.5: half an epoch).",
+    )
     micro_batch_size: int = _f(2, "Sequences per rank per forward pass.")
     global_batch_size: int = _f(
         8, "Sequences per optimizer step over all ranks; gradient accumulation fills the gap."
@@ -308,6 +356,11 @@ class TrainConfig:
         "transformers, without warm-up).",
     )
     warmup_steps: int = _f(10, "Linear warm-up steps.")
+    warmup_ratio: float | None = _f(
+        None,
+        "Warm-up as a fraction of the schedule's steps (rounded up), instead of warmup_steps; "
+        "in [0, 1).",
+    )
     grad_clip: float = _f(1.0, "Gradient norm clipping; 0 turns it off.")
     precision: Literal["auto", "bf16", "fp32"] = _f(
         "auto",
@@ -588,6 +641,10 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             if len(inner) == 1
             else UserError(f"{key} must be {_type_name(typ)}, got {value!r}")
         )
+    if dataclasses.is_dataclass(typ):  # an entry of a list of sections (data.datasets)
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping, got {value!r}")
+        return _build(typ, value, key + ".")
     if origin is Literal:
         if value not in args:
             raise UserError(f"{key} must be {_type_name(typ)}, got {value!r}")
@@ -748,6 +805,14 @@ def _check_train(cfg: RunConfig) -> None:
         f"train.betas must be two numbers in [0, 1), got {t.betas}",
     )
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(
+        t.warmup_ratio is None or 0 <= t.warmup_ratio < 1,
+        f"train.warmup_ratio must be in [0, 1) or unset, got {t.warmup_ratio}",
+    )
+    _require(
+        t.num_epochs is None or t.num_epochs > 0,
+        f"train.num_epochs must be > 0 or unset (then train.max_steps counts), got {t.num_epochs}",
+    )
     _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 turns it off), got {t.grad_clip}")
     for k in ("eval_every", "save_every"):
         _require(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")
@@ -793,6 +858,24 @@ def _check_data_eval(cfg: RunConfig) -> None:
         f"{d.columns!r}",
     )
     _require(
+        d.num_proc >= 0, f"data.num_proc must be >= 0 (0: by the data's size), got {d.num_proc}"
+    )
+    for i, src in enumerate(d.datasets):
+        where = f"data.datasets[{i}]"
+        _require(bool(src.path), f"{where} needs a path (a file, folder, hub id or generator)")
+        _require(src.weight > 0, f"{where}.weight must be > 0, got {src.weight}")
+        _require(
+            src.eval_fraction is None or 0 < src.eval_fraction < 1,
+            f"{where}.eval_fraction must be in (0, 1), got {src.eval_fraction}",
+        )
+        for k in ("num_train", "num_eval"):
+            n = getattr(src, k)
+            _require(n is None or n > 0, f"{where}.{k} must be > 0, got {n}")
+        _require(
+            src.difficulty is None or 1 <= src.difficulty <= 12,
+            f"{where}.difficulty must be from 1 to 12 operations, got {src.difficulty}",
+        )
+    _require(
         1 <= d.difficulty <= 12,
         f"data.difficulty must be from 1 to 12 operations, got {d.difficulty}; e.g. data.difficulty=4",
     )
@@ -837,11 +920,14 @@ def config_help() -> str:
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value):
                 walk(value, prefix + f.name + ".")
-            else:
-                lines.append(
-                    f"{prefix + f.name} = {value!r}  [{_type_name(hints[f.name])}]"
-                    f"\n    {f.metadata.get('help', '')}"
-                )
+                continue
+            lines.append(
+                f"{prefix + f.name} = {value!r}  [{_type_name(hints[f.name])}]"
+                f"\n    {f.metadata.get('help', '')}"
+            )
+            entry = typing.get_args(hints[f.name])
+            if typing.get_origin(hints[f.name]) is list and dataclasses.is_dataclass(entry[0]):
+                walk(entry[0](), prefix + f.name + "[].")
 
     walk(RunConfig(), "")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ from rosa_ds.ds_config import build_ds_config, zero_stage
 from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.kernels.sparse_linear import set_backend, set_path
 from rosa_ds.model import load_model
-from rosa_ds.schedule import build_scheduler
+from rosa_ds.schedule import build_scheduler, warmup_steps
 
 GROUP_ORDER = ("lowrank", "sparse", "full")
 
@@ -149,12 +149,10 @@ def build_engine(
             betas=tuple(cfg.train.betas),
             weight_decay=cfg.train.weight_decay,
         )
+        total = opts.schedule_steps or cfg.train.max_steps
+        warmup = warmup_steps(cfg.train.warmup_steps, cfg.train.warmup_ratio, total)
         scheduler = build_scheduler(
-            optimizer,
-            cfg.train.scheduler,
-            cfg.train.warmup_steps,
-            opts.schedule_steps or cfg.train.max_steps,
-            extra=opts.lr_factor,
+            optimizer, cfg.train.scheduler, warmup, total, extra=opts.lr_factor
         )
         with warnings.catch_warnings():  # stepping the schedule before any optimizer step
             warnings.simplefilter("ignore")

@@ -929,7 +929,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bandwidth", type=float, help="GB/s each GPU sends at, to add communication time"
     )
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the config's max_steps)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="optimizer steps (default: the config's max_steps; with train.num_epochs, give "
+        "the count the run logs at start)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 

@@ -30,14 +30,17 @@ from rosa_ds.checkpoint import (
     latest_checkpoint,
     read_state,
 )
-from rosa_ds.config import RunConfig
-from rosa_ds.data.loading import TaskData, load_task_data
-from rosa_ds.data.tokenize import apply_template_choice, pack, tokenize_records
+from rosa_ds.config import RunConfig, validate
+from rosa_ds.data.cache import Tokenized, TokenizedSplit, tokenized_splits
+from rosa_ds.data.loading import TaskData
+from rosa_ds.data.mixing import load_data
+from rosa_ds.data.tokenize import apply_template_choice
 from rosa_ds.dist import detect_placement
 from rosa_ds.ds_config import read_ds_config
 from rosa_ds.errors import UserError
 from rosa_ds.model import check_model, load_tokenizer
 from rosa_ds.quant.files import frozen_file_shapes
+from rosa_ds.schedule import steps_for_epochs
 from rosa_ds.tracking import check_trackers
 from rosa_ds.weight_files import has_safetensors
 
@@ -50,10 +53,11 @@ class Prepared:
     hf_config: Any
     tokenizer: Any
     data: TaskData
-    train_examples: list[dict[str, list[int]]]
-    eval_examples: list[dict[str, list[int]]]
+    train_examples: TokenizedSplit
+    eval_examples: TokenizedSplit
     resume_from: Path | None
     world_size: int
+    tokenized: str = ""  # where the tokenized splits came from, for the run's log
 
     @property
     def hidden_size(self) -> int:
@@ -286,6 +290,32 @@ def check_attention(kind: str) -> None:
         )
 
 
+def resolve_epochs(cfg: RunConfig, sequences: int) -> str | None:
+    """``train.num_epochs`` becomes ``train.max_steps`` (in place, so the methods, the schedule
+    and config.yaml see the count), checked again as a given ``max_steps`` would be; returns
+    the line the run logs, or None when no epochs are set."""
+    t = cfg.train
+    if t.num_epochs is None:
+        return None
+    t.max_steps = steps_for_epochs(t.num_epochs, sequences, t.global_batch_size)
+    validate(cfg)
+    per_epoch = sequences // t.global_batch_size
+    return (
+        f"train.num_epochs={t.num_epochs:g}: {t.max_steps} optimizer steps ({per_epoch} per "
+        f"epoch of {sequences} sequences at global batch {t.global_batch_size})"
+    )
+
+
+def tokenized_data(cfg: RunConfig, model_path: str) -> tuple[Any, TaskData, Tokenized]:
+    """The tokenizer (with ``data.chat_template`` applied), the records and their tokenized
+    splits, from the cache when this content was tokenized before (``rosa-ds prepare``)."""
+    data = load_data(cfg.data)
+    tokenizer = load_tokenizer(model_path, cfg.model)
+    apply_template_choice(tokenizer, cfg.data.chat_template)
+    tokens = tokenized_splits(data.train, data.eval, tokenizer, cfg.data)
+    return tokenizer, data, tokens
+
+
 def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
     placement = detect_placement()
     t = cfg.train
@@ -306,21 +336,12 @@ def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
     model_path, hf_config = check_model(cfg.model)
     check_weight_files(model_path, need_safetensors=cfg.adapter.resampling)
     check_adapters(cfg, hf_config, resume_from, training=training)
-    data = load_task_data(cfg.data)
-    tokenizer = load_tokenizer(model_path, cfg.model)
-    apply_template_choice(tokenizer, cfg.data.chat_template)
-    d = cfg.data
-    train_examples = tokenize_records(
-        data.train, tokenizer, d.max_length, d.chat_template, d.train_on_inputs
-    )
-    eval_examples = tokenize_records(
-        data.eval, tokenizer, d.max_length, d.chat_template, d.train_on_inputs
-    )
-    if cfg.data.packing:
-        train_examples = pack(train_examples, cfg.data.max_length)
+    tokenizer, data, tokens = tokenized_data(cfg, model_path)
+    train_examples, eval_examples = tokens.train, tokens.eval
     if training and len(train_examples) < t.global_batch_size:
+        source = "data.datasets" if cfg.data.datasets else f"dataset {cfg.data.dataset}"
         raise UserError(
-            f"dataset {cfg.data.dataset} gives {len(train_examples)} training "
+            f"{source} gives {len(train_examples)} training "
             f"sequences, fewer than one global batch ({t.global_batch_size}); add "
             "data or lower train.global_batch_size"
         )
@@ -333,4 +354,5 @@ def prepare(cfg: RunConfig, *, resume: str | None, training: bool) -> Prepared:
         eval_examples,
         resume_from,
         placement.world_size,
+        tokens.describe(),
     )

@@ -39,6 +39,18 @@ def _constant(step: int, warmup: int, total: int) -> float:
     return 1.0  # as transformers' "constant": no warm-up
 
 
+def warmup_steps(warmup: int, ratio: float | None, total: int) -> int:
+    """``train.warmup_ratio`` of the schedule's steps (rounded up, as transformers does), or
+    ``train.warmup_steps`` when no ratio is set."""
+    return warmup if ratio is None else math.ceil(ratio * total)
+
+
+def steps_for_epochs(num_epochs: float, sequences: int, global_batch: int) -> int:
+    """Optimizer steps of ``num_epochs`` passes, an epoch being what the sampler counts as one
+    (``sequences // global_batch`` whole global batches)."""
+    return max(1, math.ceil(num_epochs * (sequences // global_batch)))
+
+
 def lr_factor(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     """The multiplier of the peak learning rate at each optimizer step."""
     fn = {"cosine": _cosine, "linear": _linear, "constant": _constant}[kind]

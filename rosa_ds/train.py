@@ -34,7 +34,7 @@ from rosa_ds.methods import Method, Progress, Run, Segment, build_method
 from rosa_ds.numerics import NonFiniteGuard, nonfinite_trainable
 from rosa_ds.precision import PrecisionChoice
 from rosa_ds.preemption import Preempted, StopRequest
-from rosa_ds.preflight import Prepared, auto_resume, prepare
+from rosa_ds.preflight import Prepared, auto_resume, prepare, resolve_epochs
 from rosa_ds.telemetry import ModelFlops, StepMeter, peak_flops, peak_memory, rss_now
 from rosa_ds.tracking import MetricsLog, quiet_libraries
 from rosa_ds.watchdog import Watchdog
@@ -389,6 +389,7 @@ def train(
     resumed_config = Path(cfg.output_dir) / "config.yaml" if resume is not None else None
     cfg, choice = precision.resolve(cfg, resumed_config=resumed_config)
     prep = prepare(cfg, resume=resume, training=True)
+    epochs = resolve_epochs(cfg, len(prep.train_examples))
     quiet_libraries()
     trainer = Trainer(cfg, prep, choice)
     trainer.resumed_from = read_state(prep.resume_from)["step"] if prep.resume_from else 0
@@ -398,8 +399,11 @@ def train(
         trainer.planned_peak_bytes = plan_peak(cfg, placement.world_size)
     if placement.rank == 0:
         precision.announce(choice, cfg)
-        if prep.data.describe():  # after pre-flight: a bad input stays one line
-            print(f"rosa-ds: {prep.data.describe()}", file=sys.stderr)
+        if epochs:
+            print(f"rosa-ds: {epochs}", file=sys.stderr)
+        for line in (prep.data.describe(), prep.tokenized):  # after pre-flight: a bad input
+            if line:  # stays one line
+                print(f"rosa-ds: {line}", file=sys.stderr)
     watchdog = Watchdog(
         placement.rank,
         placement.world_size,

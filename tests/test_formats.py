@@ -13,7 +13,6 @@ from rosa_ds.config import DataConfig, ModelConfig
 from rosa_ds.data.loading import load_task_data
 from rosa_ds.data.tokenize import CHATML, IGNORE, apply_template_choice, tokenize_records
 from rosa_ds.errors import UserError
-from tests.helpers import launch
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -160,30 +159,7 @@ def test_bad_conversations_are_one_line_naming_the_record(tmp_path, turns, messa
         load_task_data(DataConfig(dataset=path, eval_split=None))
 
 
-ROWS = {
-    "messages": {"messages": [{"role": "user", "content": "3+4?"},
-                              {"role": "assistant", "content": "7"},
-                              {"role": "user", "content": "and 1+1?"},
-                              {"role": "assistant", "content": "2"}]},
-    "alpaca": {"instruction": "Add the numbers.", "input": "3 and 4", "output": "7"},
-    "text": {"text": "Ava has 3 apples and buys 4 more. She has 7."},
-}  # fmt: skip
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["messages", "text"])  # alpaca is a single turn, as arithmetic
-def test_each_format_trains_the_tiny_model(tmp_path, fmt):
-    data = _jsonl(tmp_path / "data.jsonl", [ROWS[fmt]] * 24)
-    out = tmp_path / "run"
-    proc = launch(["train", "--config", "tiny-lora", f"output_dir={out}", f"data.dataset={data}",
-                   "data.eval_split=null", "train.max_steps=3", "eval.num_generate=0",
-                   "train.lr=2e-2"])  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"rosa-ds: data.format auto: {fmt} (fields" in proc.stderr  # what it detected
-    summary = json.loads((out / "summary.json").read_text())
-    losses = summary["losses"]
-    assert len(losses) == 3 and losses[-1] < losses[0]
-    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+# Each format trains end to end in tests/test_mixing.py: one run mixes conversations and text.
 
 
 def test_chat_template_takes_a_name_a_jinja_string_or_a_switch():
