@@ -224,17 +224,14 @@ def print_summary(s: dict) -> None:
         kind = "CUDA allocated" if "peak_allocated_bytes" in tel else "RSS growth"
         print(f"peak memory     {_size(peak)} {kind} per rank{plan_text}")
     print(f"checkpoint      {s['checkpoint']}")
-    peft = Path(s["adapter"]) / "peft"
-    print(
-        f"adapter         {s['adapter']}" + (f"  (PEFT format in {peft})" if peft.is_dir() else "")
-    )
+    print(f"adapter         {s['adapter']}")
     if s.get("mask_nnz") is not None:
         acc = s.get("accumulator_bytes") or {}
         print(
             f"sparse masks    {s['mask_nnz']} non-zeros; gradient accumulator on this rank "
             f"{acc.get('local', 0) / 2**20:.2f} MiB of {acc.get('dense', 0) / 2**20:.2f} MiB dense"
         )
-    print(f"merged model    rosa-ds export --run {Path(s['adapter']).parent}")
+    print(f"merged and PEFT rosa-ds export --run {Path(s['adapter']).parent}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Export: a merged Hugging Face model (loads with plain ``transformers``) and the adapter files.
+"""Export: a merged Hugging Face model (loads with plain ``transformers``), the adapter files,
+and where the adapter has one, its PEFT form (``out/peft``, see ``adapters.peft_format``).
 
 Runs in one process without DeepSpeed: the base model is loaded, each adapted weight gets
 ``W + s B A`` added in fp32, and the result is saved with ``save_pretrained`` in the base's dtype.
@@ -12,12 +13,15 @@ import shutil
 from pathlib import Path
 
 from rosa_ds.adapted_model import DTYPES, load_adapted_model, merge_adapters
+from rosa_ds.adapters.io import load_adapter
+from rosa_ds.adapters.peft_format import peft_exportable, write_peft
 
 
 def export(
     adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "auto"
 ) -> dict[str, str]:
-    """Write ``out_dir/merged`` (HF model + tokenizer) and copy the adapter to ``out_dir/adapter``."""
+    """Write ``out_dir/merged`` (HF model + tokenizer), copy the adapter to ``out_dir/adapter``
+    and write ``out_dir/peft`` for LoRA and subspace (ROSA) adapters."""
     out = Path(out_dir)
     torch_dtype = None if dtype == "auto" else DTYPES[dtype]
     model, tokenizer, meta = load_adapted_model(adapter_dir, base, torch_dtype)
@@ -36,6 +40,15 @@ def export(
         shutil.rmtree(adapter_out, ignore_errors=True)
         shutil.copytree(adapter_dir, adapter_out)
     written = {"merged": str(merged), "adapter": str(adapter_out)}
-    if (adapter_out / "peft").is_dir():
-        written["peft"] = str(adapter_out / "peft")
+    state, meta = load_adapter(adapter_out)
+    if base is not None:
+        meta = {**meta, "base_model": base}
+    peft_dir = out / "peft"
+    shutil.rmtree(peft_dir, ignore_errors=True)
+    if peft_exportable(meta):
+        tmp = out / ".peft.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_peft(tmp, state, meta)
+        tmp.rename(peft_dir)
+        written["peft"] = str(peft_dir)
     return written

@@ -10,7 +10,8 @@ Every row trains 6 steps with checkpoints at 3 and 6 (one process, ZeRO-2), and:
 - resumes exactly: continued from the step-3 checkpoint, it ends with the same losses;
 - exports and reloads: the merged Hugging Face model, loaded by transformers alone, scores the
   run's final held-out loss (and, for the sparse methods, has the adapted model's logits,
-  which differ without the sparse part);
+  which differ without the sparse part); LoRA and ROSA runs also get a PEFT folder that peft
+  alone loads with the merged model's logits;
 - evaluates: ``rosa-ds eval`` on the run's adapter scores the run's final held-out loss, with
   the adapter's own rank and alpha whatever the config says;
 - 2 ranks equal 1 process: the same run at 2 ranks has the same losses;
@@ -111,6 +112,27 @@ def test_exports_and_reloads(row, trained, tmp_path):
     assert loss == pytest.approx(summary["after"]["eval_loss"], abs=1e-4)
     if row.method in ("sparse", "robust"):
         _assert_the_sparse_part_is_in_the_merge(out, merged)
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    has_peft = row.method == "lora" or (row.method == "subspace" and not meta["exact_frozen"])
+    assert (merged.parent / "peft").is_dir() == has_peft
+    if has_peft and not meta.get("quant"):  # 4-bit: the merge is into deq(q(W)), not W
+        _assert_peft_loads_with_the_merged_logits(merged)
+
+
+def _assert_peft_loads_with_the_merged_logits(merged: Path) -> None:
+    """peft alone loads the PEFT folder (its base_model_name_or_path too) and computes the
+    merged model's logits; a ROSA run's accumulated update is a LoRA with a rank_pattern."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(merged.parent / "peft"))
+    tok = AutoTokenizer.from_pretrained(merged)
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        got = peft_model.eval()(ids).logits
+        ref = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def _assert_the_sparse_part_is_in_the_merge(run: Path, merged: Path) -> None:
@@ -123,7 +145,7 @@ def _assert_the_sparse_part_is_in_the_merge(run: Path, merged: Path) -> None:
     from rosa_ds.adapters.inject import adapted_modules
 
     model, tok, _ = load_adapted_model(run / "adapter")
-    assert not (run / "adapter" / "peft").exists()
+    assert not (merged.parent / "peft").exists()
     sparse = [m for m in adapted_modules(model).values() if m.sparse_values is not None]
     assert sparse and all(m.sparse_values.abs().sum() > 0 for m in sparse)
     ids = torch.tensor([tok(PROMPT)["input_ids"]])

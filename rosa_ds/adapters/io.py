@@ -1,4 +1,4 @@
-"""Adapter files: gather the full adapter from any ZeRO stage, write and read it, PEFT format.
+"""Adapter files: gather the full adapter from any ZeRO stage, write and read it.
 
 The native file is ``adapter.safetensors`` (``<module>.lora_A`` / ``<module>.lora_B`` in fp32) plus
 ``adapter.json`` (method, rank, alpha, the adapted module names, the base model). Under ZeRO the
@@ -28,7 +28,6 @@ from rosa_ds.zero_params import read_full
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
-PEFT_DIR = "peft"
 
 
 def gather_adapter_state(model: nn.Module, has_optimizer: bool) -> dict[str, torch.Tensor]:
@@ -92,16 +91,14 @@ def save_adapter(
     meta: dict[str, Any],
     extra: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] | None = None,
 ) -> None:
-    """Write the native adapter and, for LoRA, the PEFT format beside it (``folder/peft``);
-    ``extra``: more safetensors files, ``{file name: (tensors, metadata)}``."""
+    """Write the native adapter (``rosa-ds export`` adds the PEFT format); ``extra``: more
+    safetensors files, ``{file name: (tensors, metadata)}``."""
 
     def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_FILE))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
         for name, (tensors, metadata) in (extra or {}).items():
             save_file(tensors, str(tmp / name), metadata=metadata)
-        if meta["method"] == "lora":
-            write_peft(tmp / PEFT_DIR, state, meta)
 
     _atomic_dir_write(Path(folder), write)
 
@@ -126,34 +123,6 @@ def masks_from_state(
                 "again from its run"
             ) from None
     return masks
-
-
-def write_peft(folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """PEFT's LoRA layout: ``adapter_config.json`` and ``adapter_model.safetensors``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for key, value in state.items():
-        module, attr = key.rsplit(".", 1)
-        if attr not in ("lora_A", "lora_B"):
-            continue
-        tensors[f"base_model.model.{module}.{attr}.weight"] = value.contiguous()
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": meta["base_model"],
-        "r": meta["rank"],
-        "lora_alpha": meta["alpha"],
-        "lora_dropout": meta["dropout"],
-        "target_modules": meta["modules"],
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "use_rslora": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
 def is_delta(meta: dict[str, Any]) -> bool:

@@ -1,0 +1,79 @@
+"""The PEFT format of an adapter: a folder that ``peft`` loads with no rosa-ds installed.
+
+Written by ``rosa-ds export`` through peft's own ``LoraConfig`` (not at every save: importing
+peft costs seconds per process). LoRA adapters map one to one. A subspace (ROSA) run's final
+adapter, the accumulated update stored as ``delta_B @ delta_A`` at each matrix's own numerical
+rank, is a LoRA with ``rank_pattern`` (those ranks) and ``alpha_pattern`` equal to them, so its
+scale is 1. Adapters with a sparse part (PEFT has no sparse adapters) and subspace runs on 4-bit
+weights (whose update holds full-rank re-quantization error) have no PEFT form.
+``base_model_name_or_path`` is something ``AutoPeftModelForCausalLM`` can load: a built-in's
+cached folder, a local folder's absolute path, or the hub id.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from rosa_ds.adapters.io import is_delta
+from rosa_ds.config import ModelConfig
+from rosa_ds.errors import UserError
+from rosa_ds.model import resolve_model_path
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def peft_exportable(meta: dict[str, Any]) -> bool:
+    if meta.get("sparse_modules"):
+        return False
+    if meta["method"] == "lora":
+        return True
+    return is_delta(meta) and not meta.get("exact_frozen")
+
+
+def loadable_base(base_model: str) -> str:
+    try:
+        return resolve_model_path(ModelConfig(name_or_path=base_model))
+    except UserError:
+        return base_model
+
+
+def write_peft(folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """``adapter_config.json`` (peft's ``LoraConfig``) and ``adapter_model.safetensors``."""
+    from peft import LoraConfig
+
+    delta = is_delta(meta)
+    attrs = ("delta_A", "delta_B") if delta else ("lora_A", "lora_B")
+    ranks = meta["delta_ranks"] if delta else dict.fromkeys(meta["modules"], meta["rank"])
+    modules = sorted(m for m in meta["modules"] if ranks.get(m, 0) > 0)
+    tensors = {
+        f"base_model.model.{m}.{peft_attr}.weight": state[f"{m}.{attr}"].float().contiguous()
+        for m in modules
+        for attr, peft_attr in zip(attrs, ("lora_A", "lora_B"), strict=True)
+    }
+    if delta:  # scale 1 at every rank: alpha = r
+        r = Counter(ranks[m] for m in modules).most_common(1)[0][0]
+        alpha = float(r)
+        rank_pattern = {m: ranks[m] for m in modules if ranks[m] != r}
+        alpha_pattern = {m: float(ranks[m]) for m in rank_pattern}
+    else:
+        r, alpha, rank_pattern, alpha_pattern = meta["rank"], float(meta["alpha"]), {}, {}
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=float(meta["dropout"]),
+        target_modules=modules,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        bias="none",
+        base_model_name_or_path=loadable_base(meta["base_model"]),
+        inference_mode=True,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    save_file(tensors, str(folder / WEIGHTS))
