@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from rosa_ds.adapters.inject import adapted_modules, inject_adapters
 from rosa_ds.adapters.io import apply_adapter_state, is_delta, load_adapter, masks_from_state
 from rosa_ds.adapters.subspace_io import read_stored_dense
+from rosa_ds.adapters.trained_modules import grow_vocabulary, load_trained_state
 from rosa_ds.config import AdapterConfig, ModelConfig
 from rosa_ds.errors import UserError
 from rosa_ds.model import check_model, load_tokenizer
@@ -28,10 +29,12 @@ def load_adapted_model(
 ) -> tuple[Any, Any, dict[str, Any]]:
     """The base model with the adapter from ``adapter_dir`` applied (not merged), and its tokenizer."""
     state, meta = load_adapter(adapter_dir)
-    model_cfg = ModelConfig(name_or_path=base or meta["base_model"])
+    tokens = meta.get("new_special_tokens", [])
+    model_cfg = ModelConfig(name_or_path=base or meta["base_model"], new_special_tokens=tokens)
     path, _ = check_model(model_cfg)  # a typo or an offline hub id: one line, not a traceback
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     tokenizer = load_tokenizer(path, model_cfg)
+    grow_vocabulary(model, len(tokenizer), tokens)
     if meta.get("quant"):  # trained on 4-bit weights: merge into deq(q(W_0)), what it saw
         rebuild_trained_base(model, meta["quant"], path)
     if is_delta(meta):
@@ -44,6 +47,7 @@ def load_adapted_model(
         dropout=0.0,
         targets=[re.escape(n) for n in names],
         exclude=[],
+        train_modules=[re.escape(n) for n in meta.get("train_modules", [])],
     )
     inject_adapters(model, cfg)
     if sorted(adapted_modules(model)) != sorted(names):
@@ -92,6 +96,7 @@ def _apply_subspace_delta(model, state, meta, adapter_dir) -> torch.nn.Module:
             ) from None
         with torch.no_grad():
             weight.copy_((weight.float() + delta).to(weight.dtype))
+    load_trained_state(model, state, meta.get("train_modules", []))
     model.eval()
     return model
 

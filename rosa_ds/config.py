@@ -45,6 +45,13 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) for hub ids.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub; off unless you trust it.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    new_special_tokens: list[str] = _f(
+        [],
+        "Special tokens added to the tokenizer (for example a chat template's markers that a "
+        "base model lacks); the embeddings grow to hold them, new rows starting at the mean "
+        "of the old ones, and need training: list embed_tokens (and lm_head, unless tied) in "
+        "adapter.train_modules.",
+    )
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = _f(
         "auto",
         "Attention kernel: eager, sdpa or flash_attention_2 (a CUDA GPU and the flash-attn "
@@ -164,6 +171,12 @@ class AdapterConfig:
         "matched against the end of the dotted module name, e.g. [q_proj, v_proj].",
     )
     exclude: list[str] = _f(["lm_head"], "Module name patterns never adapted.")
+    train_modules: list[str] = _f(
+        [],
+        "Modules trained whole beside the adapter (PEFT's modules_to_save), by name pattern as "
+        "targets: e.g. [embed_tokens, lm_head] for chat SFT of a base model; saved in the "
+        "adapter, merged by export, kept in PEFT's modules_to_save.",
+    )
     init_seed: int | None = _f(None, "Seed of the adapter initialization (default: the run seed).")
     density: float = _f(
         0.0, "Robust adaptation: fraction of each adapted weight in the sparse part, in [0, 1)."
@@ -755,6 +768,21 @@ def _check_adapter(cfg: RunConfig) -> None:
     _require(a.alpha > 0, f"adapter.alpha must be > 0, got {a.alpha}; e.g. adapter.alpha=16")
     _require(0 <= a.dropout < 1, f"adapter.dropout must be in [0, 1), got {a.dropout}")
     _require(len(a.targets) > 0, "adapter.targets must name at least one module pattern")
+    _require(
+        a.method_name != "full" or not a.train_modules,
+        "adapter.train_modules is for adapters; with adapter.method=full add the modules to "
+        "adapter.targets",
+    )
+    tokens = cfg.model.new_special_tokens
+    _require(
+        all(t.strip() for t in tokens) and len(set(tokens)) == len(tokens),
+        f"model.new_special_tokens must be distinct, non-empty strings, got {tokens}",
+    )
+    _require(
+        not tokens or a.train_modules,
+        "model.new_special_tokens need trained embeddings: set adapter.train_modules="
+        "[embed_tokens, lm_head] (lm_head is the embedding itself in tied models)",
+    )
 
 
 def _check_robust(cfg: RunConfig) -> None:

@@ -26,6 +26,7 @@ from rosa_ds.adapters.inject import (
 from rosa_ds.adapters.io import apply_adapter_state
 from rosa_ds.adapters.layer import ROLES
 from rosa_ds.adapters.masks import attach_masks, check_masks
+from rosa_ds.adapters.trained_modules import grow_vocabulary, trained_params
 from rosa_ds.config import RunConfig
 from rosa_ds.dist import Placement, init_distributed
 from rosa_ds.ds_config import build_ds_config, zero_stage
@@ -34,7 +35,7 @@ from rosa_ds.kernels.sparse_linear import set_backend, set_path
 from rosa_ds.model import load_model
 from rosa_ds.schedule import build_scheduler, warmup_steps
 
-GROUP_ORDER = ("lowrank", "sparse", "full")
+GROUP_ORDER = ("lowrank", "sparse", "full", "modules")
 
 
 @dataclass
@@ -85,6 +86,7 @@ def param_groups(
     for module in adapted_modules(model).values():
         for attr, param in module.adapter_params().items():
             by_role[ROLES[attr]].append(param)
+    by_role["modules"] = list(trained_params(model).values())  # adapter.train_modules
     names = [role for role in GROUP_ORDER if by_role[role]]
     return [{"params": by_role[r], "lr": lrs[r]} for r in names], names
 
@@ -93,7 +95,7 @@ def group_lrs(cfg: RunConfig) -> dict[str, float]:
     """The peak learning rate of each role: ``adapter.robust.sparse_lr`` for the sparse values,
     ``train.lr`` for everything else."""
     lr = cfg.train.lr
-    return {"lowrank": lr, "sparse": cfg.adapter.robust.sparse_lr or lr, "full": lr}
+    return {"lowrank": lr, "sparse": cfg.adapter.robust.sparse_lr or lr, "full": lr, "modules": lr}
 
 
 def torch_dtype(precision: str) -> torch.dtype:
@@ -128,6 +130,7 @@ def build_engine(
     hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841
     adapter_cfg = cfg.adapter if opts.rank is None else replace(cfg.adapter, rank=opts.rank)
     model = load_model(model_path, cfg.model, dtype, quant=cfg.quant, adapter=adapter_cfg)
+    grow_vocabulary(model, len(tokenizer), cfg.model.new_special_tokens)
     torch.manual_seed(cfg.adapter.init_seed if cfg.adapter.init_seed is not None else cfg.seed)
     adapted = inject_adapters(model, adapter_cfg)
     if opts.masks is not None:

@@ -49,6 +49,8 @@ def export(
         tmp = out / ".peft.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         write_peft(tmp, state, meta)
+        if meta.get("new_special_tokens"):
+            tokenizer.save_pretrained(tmp)
         tmp.rename(peft_dir)
         written["peft"] = str(peft_dir)
     return written

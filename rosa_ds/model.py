@@ -208,6 +208,8 @@ def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     tok = AutoTokenizer.from_pretrained(
         path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
+    if cfg.new_special_tokens:  # model.new_special_tokens; the embeddings grow to match
+        tok.add_tokens(list(cfg.new_special_tokens), special_tokens=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -88,6 +88,7 @@ from rosa_ds.errors import UserError
 from rosa_ds.ladder import LADDER
 from rosa_ds.ladder import PREFIX as LADDER_PREFIX
 from rosa_ds.ladder import VOCAB as LADDER_VOCAB
+from rosa_ds.targets import matches
 
 GIB = 2**30
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -264,6 +265,7 @@ class PlanInputs:
     tflops: float | None = None  # achieved (not peak) TFLOP/s per GPU, for the step time
     bandwidth_gbs: float | None = None  # GB/s each GPU sends at; None: communication not timed
     steps: int | None = None  # optimizer steps of the run, for its hours and GPU-hours
+    whole_trained: int = 0  # elements of modules trained whole (adapter.train_modules)
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -467,7 +469,9 @@ def _state(inp: PlanInputs, rank: int, density: float) -> dict[str, float]:
     frozen += embeds * a * _shard(m.vocab * m.hidden, n, z, thr)
     # trainable parameters (+ the CSR index buffers of the masks)
     layer_params = _trainable_shapes(inp, rank, density)
-    p_train = m.layers * sum(k for k, _ in layer_params)
+    # modules trained whole (embeddings, head): their weights are counted above, their
+    # gradients and optimizer state here
+    p_train = m.layers * sum(k for k, _ in layer_params) + inp.whole_trained
     trainable = m.layers * a * sum(_shard(k, n, z, thr) for k, _ in layer_params)
     csr = 0
     if density:
@@ -834,6 +838,17 @@ def plan_precision(requested: str, device: str) -> tuple[str, str]:
     return choice.used, choice.reason
 
 
+def whole_trained_elements(model: ModelShape, patterns: list[str]) -> int:
+    """Elements of the modules ``adapter.train_modules`` selects among a Llama's embeddings,
+    head and final norm (a tied head is the embedding: counted once)."""
+    sizes = {"model.embed_tokens": model.vocab * model.hidden, "model.norm": model.hidden}
+    sizes["lm_head"] = 0 if model.tied_embeddings else model.vocab * model.hidden
+    chosen = [n for n in sizes if any(matches(n, p) for p in patterns)]
+    if model.tied_embeddings and "lm_head" in chosen and "model.embed_tokens" not in chosen:
+        chosen.append("model.embed_tokens")
+    return sum(sizes[n] for n in set(chosen))
+
+
 def inputs_from_config(
     cfg: Any, gpus: int = 1, seq_len: int | None = None, **kw: Any
 ) -> PlanInputs:
@@ -866,6 +881,7 @@ def inputs_from_config(
         mask_phase=ad.robust.mask_file is None,
         warmup_rank=ad.robust.warmup_rank,
         steps=t.max_steps,
+        whole_trained=whole_trained_elements(model, ad.train_modules),
         # flash attention keeps what sdpa's memory-efficient kernels keep
         attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
     )

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 from rosa_ds.adapters.inject import adapted_modules, inject_adapters
 from rosa_ds.adapters.masks import check_masks, load_masks, module_density
 from rosa_ds.adapters.subspace_io import frozen_files
+from rosa_ds.adapters.trained_modules import trained_params
 from rosa_ds.checkpoint import (
     MASK_FILE,
     checkpoint_root,
@@ -172,6 +173,7 @@ def checkpoint_bytes(skeleton: Any, cfg: RunConfig) -> int:
         elements += sum(p.numel() for p in m.adapter_params().values())
         elements += int(module_density(name, cfg.adapter) * numel)
         frozen += numel
+    elements += sum(p.numel() for p in trained_params(skeleton).values())
     size = 20 * elements
     if cfg.adapter.resampling:
         size += frozen * (2 if cfg.train.precision == "bf16" else 4)

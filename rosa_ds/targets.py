@@ -1,13 +1,15 @@
 """Which modules a name pattern selects: the one matching rule for adapter targets, exclusions,
-per-module densities and quantization."""
+per-module densities, modules trained whole, quantization and the planner."""
 
 from __future__ import annotations
 
 import re
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from rosa_ds.errors import UserError
+
+if TYPE_CHECKING:  # torch-free at run time: the planner matches patterns too
+    from torch import nn
 
 ALL_LINEAR = "all-linear"
 

@@ -29,6 +29,18 @@ ROWS = [
         checkpointing=True,
     ),
     Row("full", "full", "tiny-full", checkpointing=True),
+    # chat SFT of a base model: a new special token, the embeddings and head trained whole,
+    # partitioned by ZeRO-3 (at 1 and 2 ranks)
+    Row(
+        "lora-vocab-zero3",
+        "lora",
+        "tiny-lora",
+        (
+            "adapter.train_modules=[embed_tokens,lm_head]",
+            "model.new_special_tokens=[<|tool|>]",
+            "deepspeed.config=zero3",
+        ),  # fmt: skip
+    ),
 ]
 
 pytestmark = pytest.mark.slow

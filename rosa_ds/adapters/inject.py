@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from rosa_ds.adapters.layer import AdaptedLinear
+from rosa_ds.adapters.trained_modules import mark_trained_modules
 from rosa_ds.config import AdapterConfig
 from rosa_ds.quant.linear import QuantizedLinear
 from rosa_ds.targets import find_targets as _find
@@ -20,7 +21,8 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 
 
 def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
-    """Freeze the model and wrap every target in an adapter; returns the adapted module names.
+    """Freeze the model, wrap every target in an adapter and make ``adapter.train_modules``
+    trainable whole; returns the adapted module names.
 
     Full fine-tuning (``adapter.method=full``) wraps the targets too, with no low-rank or sparse
     part and their own weight trainable, so that every method has the same layer contract."""
@@ -28,6 +30,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         p.requires_grad_(False)
     full = cfg.method_name == "full"
     names = find_targets(model, cfg)
+    mark_trained_modules(model, cfg.train_modules, names)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

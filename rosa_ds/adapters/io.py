@@ -21,6 +21,7 @@ from torch import nn
 
 from rosa_ds.adapters.inject import adapted_modules
 from rosa_ds.adapters.layer import MASK_BUFFERS
+from rosa_ds.adapters.trained_modules import NEW_TOKENS, trained_module_names, trained_params
 from rosa_ds.errors import UserError
 from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.quant.files import quant_meta
@@ -36,6 +37,8 @@ def gather_adapter_state(model: nn.Module, has_optimizer: bool) -> dict[str, tor
     for name, module in adapted_modules(model).items():
         for attr, param in module.adapter_params().items():
             state[f"{name}.{attr}"] = read_full(param, master=has_optimizer)
+    for key, param in trained_params(model).items():
+        state[key] = read_full(param, master=has_optimizer)
     return state
 
 
@@ -64,6 +67,8 @@ def adapter_meta(model: nn.Module, base_model: str, method: str) -> dict[str, An
         "modules": sorted(modules),
         "sparse_modules": sparse,
         "sparse_nnz": sum(modules[n].sparse_values.numel() for n in sparse),
+        "train_modules": trained_module_names(model),
+        "new_special_tokens": getattr(model, NEW_TOKENS, []),
     }
 
 
@@ -157,8 +162,9 @@ def apply_adapter_state(
     model that just got its masks; the values then stay zero).
     """
     modules = adapted_modules(model)
+    whole = trained_params(model)
     state = {k: v for k, v in state.items() if k.rsplit(".", 1)[1] not in MASK_BUFFERS}
-    expected = {f"{n}.{a}" for n, m in modules.items() for a in m.adapter_params()}
+    expected = {f"{n}.{a}" for n, m in modules.items() for a in m.adapter_params()} | set(whole)
     if allow_missing_sparse:
         expected = {k for k in expected if not k.endswith(".sparse_values")} | (
             set(state) & expected
@@ -173,7 +179,7 @@ def apply_adapter_state(
         )
     for key, value in state.items():
         module, attr = key.rsplit(".", 1)
-        param = modules[module].adapter_params()[attr]
+        param = whole[key] if key in whole else modules[module].adapter_params()[attr]
         if tuple(param.shape) != tuple(value.shape):
             raise UserError(
                 f"adapter tensor {key} has shape {tuple(value.shape)} but the model "

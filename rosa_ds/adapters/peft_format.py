@@ -4,7 +4,9 @@ Written by ``rosa-ds export`` through peft's own ``LoraConfig`` (not at every sa
 peft costs seconds per process). LoRA adapters map one to one. A subspace (ROSA) run's final
 adapter, the accumulated update stored as ``delta_B @ delta_A`` at each matrix's own numerical
 rank, is a LoRA with ``rank_pattern`` (those ranks) and ``alpha_pattern`` equal to them, so its
-scale is 1. Adapters with a sparse part (PEFT has no sparse adapters) and subspace runs on 4-bit
+scale is 1. Modules trained whole (``adapter.train_modules``) are PEFT's ``modules_to_save``;
+with new tokens the folder also holds the tokenizer, from which ``AutoPeftModelForCausalLM``
+resizes the base model's embeddings. Adapters with a sparse part (PEFT has no sparse adapters) and subspace runs on 4-bit
 weights (whose update holds full-rank re-quantization error) have no PEFT form.
 ``base_model_name_or_path`` is something ``AutoPeftModelForCausalLM`` can load: a built-in's
 cached folder, a local folder's absolute path, or the hub id.
@@ -55,6 +57,14 @@ def write_peft(folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any
         for m in modules
         for attr, peft_attr in zip(attrs, ("lora_A", "lora_B"), strict=True)
     }
+    whole = meta.get("train_modules", [])  # trained whole: PEFT's modules_to_save
+    tensors.update(
+        {
+            f"base_model.model.{k}": v.contiguous()
+            for k, v in state.items()
+            if k.rsplit(".", 1)[0] in whole
+        }  # fmt: skip
+    )
     if delta:  # scale 1 at every rank: alpha = r
         r = Counter(ranks[m] for m in modules).most_common(1)[0][0]
         alpha = float(r)
@@ -71,6 +81,7 @@ def write_peft(folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         bias="none",
+        modules_to_save=whole or None,
         base_model_name_or_path=loadable_base(meta["base_model"]),
         inference_mode=True,
     )

@@ -30,6 +30,7 @@ from torch import nn
 from rosa_ds.adapters.inject import adapted_modules
 from rosa_ds.adapters.io import adapter_meta, gather_adapter_state, save_adapter, structure_state
 from rosa_ds.adapters.resample import lowrank_delta
+from rosa_ds.adapters.trained_modules import trained_params
 from rosa_ds.dist import rank_world
 from rosa_ds.errors import UserError
 from rosa_ds.quant.frozen import DenseFrozen
@@ -170,8 +171,11 @@ def write_subspace_adapter(
         ranks[name] = int(da.shape[0])
     lossy = any(m.frozen.lossy for m in adapted_modules(model).values())
     keep = ("sparse_values", "lora_A", "lora_B") if lossy else ("sparse_values",)
+    whole = set(trained_params(model))  # adapter.train_modules
     trained = {
-        k: v for k, v in gather_adapter_state(model, True).items() if k.rsplit(".", 1)[1] in keep
+        k: v
+        for k, v in gather_adapter_state(model, True).items()
+        if k.rsplit(".", 1)[1] in keep or k in whole
     }
     frozen = gather_frozen_weights(model) if lossy else None
     if rank != 0:
