@@ -34,6 +34,8 @@ def load_adapted_model(
     path, _ = check_model(model_cfg)  # a typo or an offline hub id: one line, not a traceback
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     tokenizer = load_tokenizer(path, model_cfg)
+    if meta.get("chat_template"):  # the run's own (data.chat_template), not the base's
+        tokenizer.chat_template = meta["chat_template"]
     grow_vocabulary(model, len(tokenizer), tokens)
     if meta.get("quant"):  # trained on 4-bit weights: merge into deq(q(W_0)), what it saw
         rebuild_trained_base(model, meta["quant"], path)

@@ -15,6 +15,18 @@ from pathlib import Path
 from rosa_ds.adapted_model import DTYPES, load_adapted_model, merge_adapters
 from rosa_ds.adapters.io import load_adapter
 from rosa_ds.adapters.peft_format import peft_exportable, write_peft
+from rosa_ds.config import ModelConfig
+from rosa_ds.errors import UserError
+from rosa_ds.model import resolve_model_path
+
+
+def loadable_base(base_model: str) -> str:
+    """PEFT's ``base_model_name_or_path``: a built-in's cached folder, a local folder's
+    absolute path, or the hub id, so that ``AutoPeftModelForCausalLM`` finds the base."""
+    try:
+        return resolve_model_path(ModelConfig(name_or_path=base_model))
+    except UserError:
+        return base_model
 
 
 def export(
@@ -48,7 +60,7 @@ def export(
     if peft_exportable(meta):
         tmp = out / ".peft.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        write_peft(tmp, state, meta)
+        write_peft(tmp, state, meta, loadable_base(meta["base_model"]))
         if meta.get("new_special_tokens"):
             tokenizer.save_pretrained(tmp)
         tmp.rename(peft_dir)

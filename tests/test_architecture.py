@@ -89,8 +89,14 @@ def _modules() -> dict[str, ast.Module]:
 def _imports(tree: ast.Module) -> list[tuple[str, bool, int]]:
     """(imported module, at the top of the file?, line) for every import statement."""
     found = []
+    typing_only = {  # ``if TYPE_CHECKING:`` imports at the top: for annotations, never run
+        id(n)
+        for block in tree.body
+        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+        for n in block.body
+    }
     for node in ast.walk(tree):
-        top = node in tree.body
+        top = node in tree.body or id(node) in typing_only
         if isinstance(node, ast.Import):
             found += [(alias.name, top, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rosa_ds.cli import run
+from rosa_ds.data.tokenize import CHATML
 from rosa_ds.errors import UserError
 from rosa_ds.export import export
 from tests.helpers import PROMPT, train_ok
@@ -22,10 +23,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def runs(reference_run, tmp_path_factory):
-    """A LoRA run (the shared reference) and a tiny ROSA run that resampled."""
+    """A LoRA run (the shared reference) and a tiny ROSA run that resampled, with a chat
+    template of its own (the exported tokenizer must carry it)."""
     rosa = tmp_path_factory.mktemp("rosa") / "run"
     summary = train_ok(["--config", "tiny-subspace", f"output_dir={rosa}", "train.max_steps=6",
-                        "adapter.resample_every=3", "eval.num_generate=0"])  # fmt: skip
+                        "adapter.resample_every=3", "eval.num_generate=0",
+                        "data.chat_template=chatml"])  # fmt: skip
     assert summary["resamples"] >= 2
     return {"lora": reference_run("zero2", 1)[0], "subspace": rosa}
 
@@ -43,6 +46,7 @@ def test_a_runs_text_is_the_merged_models(runs, method, tmp_path, capsys):
     merged = export(runs[method] / "adapter", tmp_path / "export")["merged"]
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(merged)
+    assert (tok.chat_template == CHATML) is (method == "subspace")  # the run's own template
     text = tok.apply_chat_template(
         [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
     )

@@ -51,8 +51,12 @@ def structure_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def adapter_meta(model: nn.Module, base_model: str, method: str) -> dict[str, Any]:
-    """What an adapter file needs besides its tensors; ``method`` is the run's method name."""
+def adapter_meta(
+    model: nn.Module, base_model: str, method: str, chat_template: str | None = None
+) -> dict[str, Any]:
+    """What an adapter file needs besides its tensors; ``method`` is the run's method name,
+    ``chat_template`` the run's own (``data.chat_template`` as a name or Jinja), which export,
+    eval and generate then give the tokenizer."""
     modules = adapted_modules(model)
     first = next(iter(modules.values()))
     sparse = sorted(n for n, m in modules.items() if m.sparse_values is not None)
@@ -69,6 +73,7 @@ def adapter_meta(model: nn.Module, base_model: str, method: str) -> dict[str, An
         "sparse_nnz": sum(modules[n].sparse_values.numel() for n in sparse),
         "train_modules": trained_module_names(model),
         "new_special_tokens": getattr(model, NEW_TOKENS, []),
+        "chat_template": chat_template,
     }
 
 

@@ -8,8 +8,8 @@ scale is 1. Modules trained whole (``adapter.train_modules``) are PEFT's ``modul
 with new tokens the folder also holds the tokenizer, from which ``AutoPeftModelForCausalLM``
 resizes the base model's embeddings. Adapters with a sparse part (PEFT has no sparse adapters) and subspace runs on 4-bit
 weights (whose update holds full-rank re-quantization error) have no PEFT form.
-``base_model_name_or_path`` is something ``AutoPeftModelForCausalLM`` can load: a built-in's
-cached folder, a local folder's absolute path, or the hub id.
+``base_model_name_or_path`` is something ``AutoPeftModelForCausalLM`` can load (export
+resolves it).
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ import torch
 from safetensors.torch import save_file
 
 from rosa_ds.adapters.io import is_delta
-from rosa_ds.config import ModelConfig
-from rosa_ds.errors import UserError
-from rosa_ds.model import resolve_model_path
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -37,15 +34,11 @@ def peft_exportable(meta: dict[str, Any]) -> bool:
     return is_delta(meta) and not meta.get("exact_frozen")
 
 
-def loadable_base(base_model: str) -> str:
-    try:
-        return resolve_model_path(ModelConfig(name_or_path=base_model))
-    except UserError:
-        return base_model
-
-
-def write_peft(folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """``adapter_config.json`` (peft's ``LoraConfig``) and ``adapter_model.safetensors``."""
+def write_peft(
+    folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any], base: str
+) -> None:
+    """``adapter_config.json`` (peft's ``LoraConfig``) and ``adapter_model.safetensors``;
+    ``base``: the loadable base model (``export.loadable_base``)."""
     from peft import LoraConfig
 
     delta = is_delta(meta)
@@ -82,7 +75,7 @@ def write_peft(folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any
         alpha_pattern=alpha_pattern,
         bias="none",
         modules_to_save=whole or None,
-        base_model_name_or_path=loadable_base(meta["base_model"]),
+        base_model_name_or_path=base,
         inference_mode=True,
     )
     folder.mkdir(parents=True, exist_ok=True)

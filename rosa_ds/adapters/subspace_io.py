@@ -150,7 +150,13 @@ def read_frozen_weights(model: nn.Module, folder: Path) -> None:
 
 
 def write_subspace_adapter(
-    model: nn.Module, model_path: str, base_model: str, method: str, folder: Path, resamples: int
+    model: nn.Module,
+    model_path: str,
+    base_model: str,
+    method: str,
+    folder: Path,
+    resamples: int,
+    chat_template: str | None = None,
 ) -> None:
     """Every rank calls this; rank 0 factorizes each accumulated update and writes the file."""
     rank, _ = rank_world()
@@ -182,6 +188,6 @@ def write_subspace_adapter(
         return
     state.update(trained)
     state.update(structure_state(model))
-    meta = adapter_meta(model, base_model, method)
+    meta = adapter_meta(model, base_model, method, chat_template)
     meta.update(delta_ranks=ranks, resamples=resamples, exact_frozen=lossy)
     save_adapter(folder, state, meta, {FROZEN_IN_ADAPTER: frozen} if lossy else None)

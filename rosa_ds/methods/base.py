@@ -115,8 +115,17 @@ class Method:
         state = gather_adapter_state(built.model, has_optimizer=True)
         if built.placement.rank == 0:
             state.update(structure_state(built.model))
-            meta = adapter_meta(built.model, self.cfg.model.name_or_path, self.name)
+            meta = adapter_meta(
+                built.model, self.cfg.model.name_or_path, self.name, self.own_template(built)
+            )
             save_adapter(folder, state, meta)
+
+    def own_template(self, built: Built) -> str | None:
+        """The chat template the run gave its tokenizer (``data.chat_template`` as a name or a
+        Jinja string), for the adapter file; None when the tokenizer's own was used."""
+        return (
+            built.tokenizer.chat_template if isinstance(self.cfg.data.chat_template, str) else None
+        )
 
     def summary(self, progress: Progress) -> dict[str, Any]:
         """The method's own figures for ``summary.json``."""

@@ -152,6 +152,7 @@ class Subspace(Method):
             self.name,
             folder,
             count,
+            self.own_template(run.built),
         )
 
     def summary(self, progress: Progress) -> dict[str, Any]:
