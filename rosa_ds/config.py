@@ -363,10 +363,10 @@ class TrainConfig:
     lr: float = _f(2e-4, "Peak learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
-    scheduler: Literal["cosine", "linear", "constant"] = _f(
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _f(
         "cosine",
         "Decay after the warm-up: cosine or linear to zero at max_steps; constant (as in "
-        "transformers, without warm-up).",
+        "transformers, without warm-up) or constant_with_warmup.",
     )
     warmup_steps: int = _f(10, "Linear warm-up steps.")
     warmup_ratio: float | None = _f(

@@ -1,4 +1,5 @@
-"""The learning-rate schedule: linear warm-up, then cosine or linear decay to zero, or constant.
+"""The learning-rate schedule: linear warm-up, then cosine or linear decay to zero, or constant
+(with or without the warm-up).
 
 The same functions as ``transformers.get_scheduler`` (a test compares them step by step), kept
 here because importing ``transformers.optimization`` pulls in ``transformers.trainer_utils`` and,
@@ -15,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
 def _warmup(step: int, warmup: int) -> float:
@@ -39,6 +40,10 @@ def _constant(step: int, warmup: int, total: int) -> float:
     return 1.0  # as transformers' "constant": no warm-up
 
 
+def _constant_with_warmup(step: int, warmup: int, total: int) -> float:
+    return _warmup(step, warmup) if step < warmup else 1.0
+
+
 def warmup_steps(warmup: int, ratio: float | None, total: int) -> int:
     """``train.warmup_ratio`` of the schedule's steps (rounded up, as transformers does), or
     ``train.warmup_steps`` when no ratio is set."""
@@ -53,7 +58,12 @@ def steps_for_epochs(num_epochs: float, sequences: int, global_batch: int) -> in
 
 def lr_factor(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     """The multiplier of the peak learning rate at each optimizer step."""
-    fn = {"cosine": _cosine, "linear": _linear, "constant": _constant}[kind]
+    fn = {
+        "cosine": _cosine,
+        "linear": _linear,
+        "constant": _constant,
+        "constant_with_warmup": _constant_with_warmup,
+    }[kind]
     return functools.partial(fn, warmup=warmup, total=total)
 
 

@@ -137,7 +137,7 @@ def test_restart_warmup_is_a_pass_of_its_own():
         )
 
 
-@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "constant_with_warmup"])
 @pytest.mark.parametrize("warmup, total", [(0, 5), (3, 10), (10, 10), (4, 3)])
 def test_schedule_equals_transformers(kind, warmup, total):
     """rosa_ds.schedule gives transformers' learning rates at every step (past the end too)."""

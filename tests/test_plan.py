@@ -439,3 +439,21 @@ def test_mask_phase_with_checkpointing_counts_the_inputs_the_collector_holds():
     assert _collector_inputs(PlanInputs(**base)) == 0
     bd_on, bd_ref = plan(on), plan(PlanInputs(**base, checkpointing=True, mask_phase=False))
     assert bd_on.mask_peak >= bd_ref.train_peak + _collector_inputs(on) - 1
+
+
+def test_a_reader_that_leaves_early_is_no_error():
+    """``rosa-ds plan | head``: a reader that closes the pipe (here at once) ends the command
+    quietly with code 0, without a traceback."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, child_env
+
+    proc = subprocess.run(
+        f"{sys.executable} -m rosa_ds.cli plan -m llama2-70b --gpus 8 | true; "
+        "exit ${PIPESTATUS[0]}",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, env=child_env(),
+        cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
