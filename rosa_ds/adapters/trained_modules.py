@@ -12,7 +12,6 @@ no noise), for the input embeddings and an untied output head alike.
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from rosa_ds.errors import UserError
 from rosa_ds.targets import matches
+from rosa_ds.zero_params import gathered
 
 FLAG = "_rosa_ds_trained"
 NEW_TOKENS = "_rosa_ds_new_tokens"  # the tokens a model's vocabulary grew by, for adapter.json
@@ -117,15 +117,6 @@ def grow_vocabulary(model: nn.Module, size: int, tokens: list[str]) -> None:
     head = model.get_output_embeddings()
     if head is not None and head.weight is not weights[0]:
         weights.append(head.weight)
-    with _gathered(weights), torch.no_grad():
+    with gathered(weights, modifier_rank=0), torch.no_grad():
         for w in weights:
             w[old:] = w[:old].float().mean(0).to(w.dtype)
-
-
-def _gathered(params: list[nn.Parameter]):
-    """ZeRO-3's gather (rank 0's change kept everywhere), or nothing for whole tensors."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    return contextlib.nullcontext()
