@@ -40,7 +40,7 @@ def reference_run(tmp_path_factory) -> Callable[[str, int], tuple[Path, dict]]:
         out = root / f"lora-{zero}-{nproc}"
         with FileLock(str(out) + ".lock"):
             if not (out / "summary.json").is_file():
-                launcher = "torchrun" if nproc > 1 else "python"
+                launcher = "ranks" if nproc > 1 else "python"
                 args = [*LORA_REFERENCE, f"output_dir={out}", f"deepspeed.config={zero}"]
                 train_ok(args, nproc=nproc, launcher=launcher)
         return out, json.loads((out / "summary.json").read_text())

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +67,150 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# --- runs forked from a warm process (tests/zygote.py) ---------------------------------------
+
+CLI = [sys.executable, "-m", "rosa_ds.cli"]
+# A run whose environment differs from the warm process's only in these (read when the run
+# starts, not when torch or transformers are imported) is forked; any other difference, such
+# as ATEN_CPU_CAPABILITY, gets a new interpreter. (pytest's own, PYTEST_CURRENT_TEST..., change
+# with every test.)
+_RUN_TIME_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+_RUN_TIME_PREFIXES = ("ROSA_DS_", "PYTEST_")
+
+
+class RunProcess:
+    """A ``subprocess.Popen`` look-alike for one run whose output goes to files (no pipe to
+    fill while a test waits): forked by the warm process (``pid``) or a new interpreter
+    (``popen``). The same pid, signals and exit code (negative for a signal)."""
+
+    def __init__(self, args: list[str], files: Path, pid: int = 0, popen=None):
+        self.args, self._files, self._popen = args, files, popen
+        self.pid = popen.pid if popen else pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            if self._popen is not None:
+                self.returncode = self._popen.poll()
+            elif (self._files / "status").is_file():
+                self.returncode = int((self._files / "status").read_text())
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        read = lambda name: (self._files / name).read_text(errors="replace")  # noqa: E731
+        return read("stdout"), read("stderr")
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class _WarmProcess:
+    """This test process's warm process (one per pytest worker), started at its first run."""
+
+    def __init__(self) -> None:
+        start_env = child_env()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "zygote.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=start_env,
+            cwd=REPO,
+        )
+        self.lock = threading.Lock()
+        atexit.register(self.close)
+        # Its environment once imported: what the libraries set themselves is no difference.
+        # What the imports set themselves: a new interpreter's run has it too, once imported.
+        self.env = json.loads(self.proc.stdout.readline())["env"]
+        self.set_by_imports = self.env.keys() - start_env.keys()
+
+    def accepts(self, cmd: list[str], env: dict[str, str]) -> bool:
+        """Whether ``cmd`` (``python -m MODULE ...`` or ``python SCRIPT.py ...``) in ``env``
+        runs as it would in a new interpreter."""
+        differ = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
+        differ -= {k for k in self.set_by_imports if k not in env}
+        python = cmd[0] == sys.executable and (cmd[1] == "-m" or cmd[1].endswith(".py"))
+        return (
+            python
+            and self.proc.poll() is None
+            and all(k in _RUN_TIME_VARIABLES or k.startswith(_RUN_TIME_PREFIXES) for k in differ)
+        )
+
+    def start(self, cmd: list[str], env: dict[str, str], cwd: Path, files: Path) -> RunProcess:
+        with self.lock:  # one request, one reply
+            env = {**{k: self.env[k] for k in self.set_by_imports}, **env}
+            request = {"argv": cmd[1:], "env": env, "cwd": str(cwd)}
+            request.update({name: str(files / name) for name in ("stdout", "stderr", "status")})
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            reply = json.loads(self.proc.stdout.readline())
+        return RunProcess(cmd, files, pid=reply["pid"])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=600)
+
+
+_warm: _WarmProcess | None = None
+_RUN_FILES = Path(tempfile.mkdtemp(prefix="rosa-ds-test-runs-"))  # each run's output and status
+atexit.register(shutil.rmtree, _RUN_FILES, ignore_errors=True)
+
+
+def start_run(
+    cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> RunProcess:
+    """Start ``cmd`` (a Python command: ``CLI + args``, a probe) as its own process: forked
+    from the warm process where it can be (``ROSA_DS_FORK_RUNS=0``: never), else a new
+    interpreter."""
+    global _warm
+    env, cwd = env or child_env(), cwd or REPO
+    files = Path(tempfile.mkdtemp(dir=_RUN_FILES))
+    if os.environ.get("ROSA_DS_FORK_RUNS", "1") != "0":
+        if _warm is None:
+            _warm = _WarmProcess()
+        if _warm.accepts(cmd, env):
+            return _warm.start(cmd, env, cwd, files)
+    with open(files / "stdout", "w") as out, open(files / "stderr", "w") as err:
+        popen = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err)
+    return RunProcess(cmd, files, popen=popen)
+
+
+def _finish(procs: list, cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Wait for a job's processes (as a launcher would: once one fails, the others get 30 s,
+    then are killed) and return what they did as one completed process, rank 0's output
+    first."""
+    deadline = time.monotonic() + timeout
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now > failed_at + 30):
+            for p in procs:
+                p.kill()
+            if now > deadline:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+        time.sleep(0.02)
+    outputs = [p.communicate() for p in procs]
+    code = next((p.returncode for p in procs if p.returncode != 0), 0)
+    return subprocess.CompletedProcess(
+        cmd, code, "".join(o for o, _ in outputs), "".join(e for _, e in outputs)
+    )
+
+
 def launch(
     args: list[str],
     nproc: int = 1,
@@ -69,11 +219,15 @@ def launch(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``rosa-ds ARGS`` as ``nproc`` ranks through a real launcher."""
+    """Run ``rosa-ds ARGS`` as ``nproc`` ranks: ``python`` one process, ``ranks`` plain
+    processes with the torch launcher's variables (both forked where they can be), or through
+    a real launcher (``torchrun``, ``deepspeed``, ``mpirun``)."""
     entry = str(REPO / "launcher" / "main.py")
     if launcher == "python":
-        cmd = [sys.executable, "-m", "rosa_ds.cli", *args]
-    elif launcher == "torchrun":
+        return _finish([start_run([*CLI, *args], env, cwd)], [*CLI, *args], timeout)
+    if launcher == "ranks":
+        return _finish(start_ranks([*CLI, *args], nproc), [*CLI, *args], timeout)
+    if launcher == "torchrun":
         cmd = [
             str(BIN / "torchrun"),
             f"--nproc_per_node={nproc}",
@@ -115,21 +269,14 @@ def train_ok(args: list[str], **kw) -> dict:
     return json.loads((Path(out) / "summary.json").read_text())
 
 
-def start_ranks(cmd: list[str], nproc: int = 2, **env: str) -> list[subprocess.Popen]:
-    """``cmd`` as ``nproc`` ranks of one job, plain processes with the torch launcher's
-    variables: no launcher that would kill the others or wrap their output."""
+def start_ranks(cmd: list[str], nproc: int = 2, **env: str) -> list[RunProcess]:
+    """``cmd`` (a Python command) as ``nproc`` ranks of one job, plain processes with the torch
+    launcher's variables (forked where they can be): no launcher that would kill the others or
+    wrap their output."""
     port = str(free_port())
     rank_env = dict(WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)
     return [
-        subprocess.Popen(
-            cmd,
-            env=child_env(RANK=str(r), LOCAL_RANK=str(r), **rank_env),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(nproc)
+        start_run(cmd, child_env(RANK=str(r), LOCAL_RANK=str(r), **rank_env)) for r in range(nproc)
     ]
 
 
@@ -185,18 +332,8 @@ def merged_eval_loss(merged: Path, config: str, overrides: tuple[str, ...], tmp:
 
 
 def run_probe(script: str, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    """Run a script of tests/probes as ``nproc`` ranks (torchrun) or one plain process."""
-    path = str(REPO / "tests" / "probes" / script)
-    if nproc == 1:
-        cmd = [sys.executable, path, *args]
-    else:
-        cmd = [
-            str(BIN / "torchrun"),
-            f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
-            path,
-            *args,
-        ]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env=child_env(), cwd=REPO
-    )
+    """Run a script of tests/probes as one process or ``nproc`` ranks (forked where they can
+    be, as every run here)."""
+    cmd = [sys.executable, str(REPO / "tests" / "probes" / script), *args]
+    procs = start_ranks(cmd, nproc) if nproc > 1 else [start_run(cmd)]
+    return _finish(procs, cmd, timeout=600)

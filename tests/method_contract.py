@@ -171,7 +171,7 @@ def test_evaluates(row, trained):
 
 def test_two_ranks_equal_one_process(row, trained, tmp_path):
     _, summary = trained(row)
-    two = train_ok(row.args(tmp_path / "run"), nproc=2, launcher="torchrun")
+    two = train_ok(row.args(tmp_path / "run"), nproc=2, launcher="ranks")
     assert two["world_size"] == 2
     assert two["losses"] == pytest.approx(summary["losses"], rel=row.ranks_rtol, abs=1e-5)
     after, want = two["after"]["eval_loss"], summary["after"]["eval_loss"]

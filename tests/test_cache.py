@@ -5,8 +5,6 @@ the sequences, and concurrent processes tokenize once."""
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,7 @@ from rosa_ds.config import DataConfig, ModelConfig
 from rosa_ds.data import cache
 from rosa_ds.data.cache import content_key, tokenized_splits
 from rosa_ds.data.tokenize import pack, tokenize_records
-from tests.helpers import REPO, child_env
+from tests.helpers import CLI, start_run
 
 RECORDS = [
     {"prompt": f"What is {i} + {i}?", "response": f"{2 * i}", "reference": str(2 * i)}
@@ -108,10 +106,9 @@ def test_processes_tokenize_the_same(tmp_path, tok):
 def test_concurrent_prepares_tokenize_once(tmp_path):
     """Two rosa-ds prepare processes at once (as a job's ranks start): one tokenizes under the
     entry's lock, the other waits and reads it."""
-    cmd = [sys.executable, "-m", "rosa_ds.cli", "prepare", "--config", "tiny-lora",
-           f"data.cache_dir={tmp_path}", "data.num_train=400"]  # fmt: skip
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=child_env(), cwd=REPO) for _ in range(2)]  # fmt: skip
+    cmd = [*CLI, "prepare", "--config", "tiny-lora", f"data.cache_dir={tmp_path}",
+           "data.num_train=400"]  # fmt: skip
+    procs = [start_run(cmd) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     built = [o for o, _ in outs if "sequences into" in o]

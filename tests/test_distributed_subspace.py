@@ -109,7 +109,7 @@ COMMON = [
 def zero3_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sub3") / "run"
     summary = train_ok(
-        [*COMMON, f"output_dir={out}", "deepspeed.config=zero3"], nproc=2, launcher="torchrun"
+        [*COMMON, f"output_dir={out}", "deepspeed.config=zero3"], nproc=2, launcher="ranks"
     )
     return out, summary
 
@@ -125,7 +125,7 @@ def test_resume_across_a_resample_continues_identically(zero3_run, tmp_path):
     resumed = train_ok(
         [*COMMON, f"output_dir={out}", "deepspeed.config=zero3", "--resume"],
         nproc=2,
-        launcher="torchrun",
+        launcher="ranks",
     )
     assert resumed["resumed_from"] == 4
     torch.testing.assert_close(
@@ -160,7 +160,7 @@ def test_hybrid_run_trains_resamples_and_exports(tmp_path):
             "train.lr=1e-2",
         ],
         nproc=2,
-        launcher="torchrun",
+        launcher="ranks",
     )
     assert summary["losses"][-1] < summary["losses"][0] - 0.1
     meta = json.loads((out / "adapter" / "adapter.json").read_text())

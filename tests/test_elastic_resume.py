@@ -36,7 +36,7 @@ def _args(config: str, out: Path, zero: str, *extra: str) -> list[str]:
 
 
 def _train(args: list[str], nproc: int) -> tuple[dict, str]:
-    proc = launch(args, nproc=nproc, launcher="torchrun" if nproc > 1 else "python")
+    proc = launch(args, nproc=nproc, launcher="ranks" if nproc > 1 else "python")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output_dir=")))
     return json.loads((out / "summary.json").read_text()), proc.stderr

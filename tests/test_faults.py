@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,15 @@ from safetensors.torch import load_file
 from rosa_ds import faults
 from rosa_ds.errors import TrainingError
 from rosa_ds.numerics import NonFiniteGuard, nonfinite_trainable
-from tests.helpers import LORA_REFERENCE, REPO, child_env, launch, start_ranks, train_ok
+from tests.helpers import (
+    LORA_REFERENCE,
+    REPO,
+    RunProcess,
+    child_env,
+    launch,
+    start_ranks,
+    train_ok,
+)
 
 RUN = [
     "--config",
@@ -144,7 +151,7 @@ def test_too_many_bad_steps_stop_the_run_and_no_checkpoint_holds_nan(tmp_path):
 # --- a rank dies ------------------------------------------------------------------------------
 
 
-def _start_ranks(out: Path, fault: str, timeout: float, args: list[str]) -> list[subprocess.Popen]:
+def _start_ranks(out: Path, fault: str, timeout: float, args: list[str]) -> list[RunProcess]:
     """Two ranks as plain processes: no launcher that would kill the survivor for us."""
     cmd = [sys.executable, "-m", "rosa_ds.cli", "train", *args, f"output_dir={out}"]
     cmd.append(f"deepspeed.heartbeat_timeout={timeout}")
@@ -178,7 +185,7 @@ def test_killed_rank_stops_the_other_and_resume_matches(lost, resume, tmp_path, 
     assert "--resume" in message[-1]
     if not resume:
         return
-    resumed = train_ok([*args, f"output_dir={out}", "--resume"], nproc=2, launcher="torchrun")
+    resumed = train_ok([*args, f"output_dir={out}", "--resume"], nproc=2, launcher="ranks")
     assert resumed["resumed_from"] == 4
     assert resumed["losses"] == pytest.approx(whole["losses"], rel=1e-5, abs=1e-6)
 

@@ -123,7 +123,7 @@ def _two_ranks(script_args: list[str]) -> list[tuple[int, str]]:
 
     probe = str(REPO / "tests" / "probes" / "precision_probe.py")
     procs = start_ranks([sys.executable, probe, *script_args])
-    errors = [p.communicate(timeout=600)[1] for p in procs]  # little output: no pipe fills
+    errors = [p.communicate(timeout=600)[1] for p in procs]
     return [(p.returncode, err) for p, err in zip(procs, errors, strict=True)]
 
 

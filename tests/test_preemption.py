@@ -135,7 +135,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resume_matc
     tmp_path, reference_run
 ):
     """Only rank 1 receives SIGTERM (from outside, while it trains): both ranks write the same
-    checkpoint and exit with 75; a resume through torchrun ends with the uninterrupted 2-rank
+    checkpoint and exit with 75; a resume (2 ranks) ends with the uninterrupted 2-rank
     run's losses and adapter."""
     whole_dir, whole = reference_run("zero2", 2)
     out = tmp_path / "run"
@@ -156,7 +156,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resume_matc
     latest = latest_checkpoint(out)
     stopped = read_state(latest)["step"]
     assert 2 <= stopped < 8 and not incomplete_checkpoints(out)
-    resumed = train_ok([*args, "train.auto_resume=true"], nproc=2, launcher="torchrun")
+    resumed = train_ok([*args, "train.auto_resume=true"], nproc=2, launcher="ranks")
     assert resumed["resumed_from"] == stopped
     _assert_same_run(resumed, whole, out, whole_dir)
 

@@ -392,7 +392,7 @@ def test_zero3_two_ranks_training_lowers_loss(tmp_path):
             *COMMON,
         ],
         nproc=2,
-        launcher="torchrun",
+        launcher="ranks",
     )
     assert s["world_size"] == 2 and s["zero_stage"] == 3
     first, last = sum(s["losses"][:2]) / 2, sum(s["losses"][-2:]) / 2

@@ -105,7 +105,7 @@ def test_two_rank_run_logs_the_global_batch_tokens_mfu_and_peak_memory(tmp_path)
         "train.trackers=[tensorboard,mlflow]",
         f"output_dir={out}",
     ]
-    summary = train_ok(args, nproc=2, launcher="torchrun")
+    summary = train_ok(args, nproc=2, launcher="ranks")
     tel = summary["telemetry"]
     for key in ("median_tokens_per_second", "median_label_tokens_per_second", "median_mfu"):
         assert tel[key] > 0, tel
