@@ -70,12 +70,16 @@ def child_env(**extra: str) -> dict[str, str]:
 # --- runs forked from a warm process (tests/zygote.py) ---------------------------------------
 
 CLI = [sys.executable, "-m", "rosa_ds.cli"]
-# A run whose environment differs from the warm process's only in these (read when the run
-# starts, not when torch or transformers are imported) is forked; any other difference, such
-# as ATEN_CPU_CAPABILITY, gets a new interpreter. (pytest's own, PYTEST_CURRENT_TEST..., change
-# with every test.)
-_RUN_TIME_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-_RUN_TIME_PREFIXES = ("ROSA_DS_", "PYTEST_")
+# A run whose environment differs from the warm process's in a variable that the libraries
+# read when they are imported (these prefixes: the CPU kernels, threads, CUDA, torch, DeepSpeed,
+# Hugging Face, Triton, bitsandbytes, the interpreter, the loader) gets a new interpreter;
+# any other difference (rank variables, ROSA_DS_*, what in-process tests set, pytest's own)
+# is read when the run reads it, so the run is forked.
+_IMPORT_TIME_PREFIXES = (
+    "ATEN_", "ONEDNN_", "DNNL_", "MKL_", "OMP_", "KMP_", "OPENBLAS_", "CUDA_", "NVIDIA_",
+    "TORCH", "PYTORCH_", "DS_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TRITON_", "BNB_",
+    "PYTHON", "LD_",
+)  # fmt: skip
 
 
 class RunProcess:
@@ -146,7 +150,7 @@ class _WarmProcess:
         return (
             python
             and self.proc.poll() is None
-            and all(k in _RUN_TIME_VARIABLES or k.startswith(_RUN_TIME_PREFIXES) for k in differ)
+            and not any(k.startswith(_IMPORT_TIME_PREFIXES) for k in differ)
         )
 
     def start(self, cmd: list[str], env: dict[str, str], cwd: Path, files: Path) -> RunProcess:
