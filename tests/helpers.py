@@ -136,16 +136,18 @@ class _WarmProcess:
         )
         self.lock = threading.Lock()
         atexit.register(self.close)
-        # Its environment once imported: what the libraries set themselves is no difference.
-        # What the imports set themselves: a new interpreter's run has it too, once imported.
+        # Its environment once imported; what the imports set themselves, a new interpreter's
+        # run has too once it has imported them, so every request gets it (``with_imports``).
         self.env = json.loads(self.proc.stdout.readline())["env"]
         self.set_by_imports = self.env.keys() - start_env.keys()
+
+    def with_imports(self, env: dict[str, str]) -> dict[str, str]:
+        return {**{k: self.env[k] for k in self.set_by_imports}, **env}
 
     def accepts(self, cmd: list[str], env: dict[str, str]) -> bool:
         """Whether ``cmd`` (``python -m MODULE ...`` or ``python SCRIPT.py ...``) in ``env``
         runs as it would in a new interpreter."""
         differ = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
-        differ -= {k for k in self.set_by_imports if k not in env}
         python = cmd[0] == sys.executable and (cmd[1] == "-m" or cmd[1].endswith(".py"))
         return (
             python
@@ -155,7 +157,6 @@ class _WarmProcess:
 
     def start(self, cmd: list[str], env: dict[str, str], cwd: Path, files: Path) -> RunProcess:
         with self.lock:  # one request, one reply
-            env = {**{k: self.env[k] for k in self.set_by_imports}, **env}
             request = {"argv": cmd[1:], "env": env, "cwd": str(cwd)}
             request.update({name: str(files / name) for name in ("stdout", "stderr", "status")})
             self.proc.stdin.write(json.dumps(request) + "\n")
@@ -185,8 +186,9 @@ def start_run(
     if os.environ.get("ROSA_DS_FORK_RUNS", "1") != "0":
         if _warm is None:
             _warm = _WarmProcess()
-        if _warm.accepts(cmd, env):
-            return _warm.start(cmd, env, cwd, files)
+        forked_env = _warm.with_imports(env)
+        if _warm.accepts(cmd, forked_env):
+            return _warm.start(cmd, forked_env, cwd, files)
     with open(files / "stdout", "w") as out, open(files / "stderr", "w") as err:
         popen = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err)
     return RunProcess(cmd, files, popen=popen)
