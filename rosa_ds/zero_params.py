@@ -40,8 +40,16 @@ def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> It
 
 
 def local_tensor(p: torch.Tensor) -> torch.Tensor:
-    """What this rank holds of ``p``: its ZeRO-3 partition, or the whole tensor."""
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+    """The elements of ``p`` this rank holds: its ZeRO-3 partition, or the whole tensor.
+
+    A partition is ``ceil(numel / world)`` long; DeepSpeed copies only the real elements into
+    the last ones and leaves their padding uninitialized (whatever the allocator hands back,
+    NaN included), so the padding is cut off here."""
+    if not hasattr(p, "ds_tensor"):
+        return p.data
+    size = p.ds_tensor.numel()
+    start = rank_world()[0] * size
+    return p.ds_tensor.narrow(0, 0, max(0, min(size, p.ds_numel - start)))
 
 
 def local_numel(p: torch.Tensor) -> tuple[int, int]:

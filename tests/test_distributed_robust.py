@@ -28,7 +28,7 @@ COMMON = [
 
 def _run(tmp_path_factory, name, *extra, nproc=1):
     out = tmp_path_factory.mktemp(name) / "run"
-    launcher = "torchrun" if nproc > 1 else "python"
+    launcher = "ranks" if nproc > 1 else "python"
     summary = train_ok([*COMMON, f"output_dir={out}", *extra], nproc=nproc, launcher=launcher)
     return out, summary
 
@@ -110,7 +110,7 @@ def test_resume_keeps_the_mask_and_the_losses(zero2, tmp_path):
     resumed = train_ok(
         [*COMMON, f"output_dir={out}", "deepspeed.config=zero2", "--resume"],
         nproc=2,
-        launcher="torchrun",
+        launcher="ranks",
     )
     assert resumed["resumed_from"] == 4
     torch.testing.assert_close(
@@ -164,7 +164,7 @@ def test_sparse_values_follow_their_own_learning_rate(zero2, tmp_path):
 
     own_dir = tmp_path / "own"
     args = [*COMMON, f"output_dir={own_dir}", "deepspeed.config=zero2", "train.save_every=4"]
-    train_ok([*args, "adapter.robust.sparse_lr=1e-8"], nproc=2, launcher="torchrun")
+    train_ok([*args, "adapter.robust.sparse_lr=1e-8"], nproc=2, launcher="ranks")
     shared_sparse, shared_b, shared_rows = read(zero2[0])
     own_sparse, own_b, own_rows = read(own_dir)
     # Adam moves each value by at most about lr per step: 8 steps of at most 1e-8

@@ -72,6 +72,20 @@ def test_nonfinite_trainable_counts_only_trainable_tensors():
     assert nonfinite_trainable(model) == 1
 
 
+def test_nonfinite_trainable_ignores_zero3_partition_padding(monkeypatch):
+    """The last rank's ZeRO-3 partition is padded with memory DeepSpeed never writes: NaN
+    there is not the adapter's (it stopped forked 2-rank ZeRO-3 runs at their first save)."""
+    from rosa_ds import zero_params
+
+    p = torch.nn.Parameter(torch.empty(0))
+    p.ds_numel = 3  # partitions of 2 over 2 ranks: rank 1 holds element 2 and one pad
+    monkeypatch.setattr(zero_params, "rank_world", lambda: (1, 2))
+    p.ds_tensor = torch.tensor([1.0, math.nan])
+    assert nonfinite_trainable(torch.nn.ParameterList([p])) == 0
+    p.ds_tensor = torch.tensor([math.nan, 0.0])
+    assert nonfinite_trainable(torch.nn.ParameterList([p])) == 1
+
+
 # --- numerical trouble, end to end -----------------------------------------------------------
 
 
