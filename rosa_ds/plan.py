@@ -11,9 +11,10 @@ The model follows what this trainer allocates (checked against ``rosa_ds/engine.
   each parameter per rank, except those under ``stage3_param_persistence_threshold`` (10 x
   hidden), which stay whole.
 * **trainable parameters**: LoRA ``A`` (r x in), ``B`` (out x r) and the sparse values
-  (``round(d x out x in)`` per matrix) in the training dtype; the CSR index buffers of the mask
+  (``round(d x out x in)`` per matrix) in the training dtype; the CSR indices of the mask
   (int32: row pointers, column indices, the transposed copy and its permutation, the non-empty
-  row orders, ``3 nnz + 2 (out + in)`` entries per matrix) are buffers, never partitioned.
+  row orders, ``3 nnz + 2 (out + in)`` entries per matrix) in one frozen parameter per matrix,
+  which ZeRO-3 partitions (and gathers with its module) like any other.
 * **optimizer state** (``optimizer="fp32"``, DeepSpeed with torch AdamW): an fp32 master copy
   (ZeRO-1/2/3 keep one even in fp32 training) and Adam's two fp32 moments, all ``1/N`` at
   ZeRO >= 1. ``optimizer="param"`` is the reference code's plain AdamW on bf16 adapters: two
@@ -40,8 +41,8 @@ The model follows what this trainer allocates (checked against ``rosa_ds/engine.
   whether the trace survived (evaluation passes and tied embeddings break it).
 * **sparse part**: one module's backward at a time rebuilds ``W + S`` (a dense copy) and, on the
   CPU path, fp32 copies of ``dY`` and ``X`` for the SDDMM; with 4-bit weights one layer's
-  weight is dequantized at a time. On the CPU the trainer's own copy of the masks (kept for
-  checkpoints) lives in the same memory as the module buffers, so the indices count twice.
+  weight is dequantized at a time. The trainer keeps no copy of the masks besides the layers'
+  (checkpoints gather them from the layers one at a time).
 * **mask phase** (RoSA): the warm-up LoRA's training state plus the fp32 gradient-statistic
   accumulator, ``1/N`` of every adapted matrix (reduce-scattered as backward produces it), and
   while a module's hook runs its fp32 ``G``, the statistic and, with N > 1, the padded buffer
@@ -381,6 +382,13 @@ def _shard(numel: int, n: int, stage: int, threshold: int) -> int:
     return math.ceil(numel / n)
 
 
+def _csr_entries(o: int, i: int, density: float) -> int:
+    """int32 entries of one matrix's mask (``kernels/csr.py``): the CSR, its transpose with the
+    permutation, and the non-empty rows of both in order."""
+    nnz = round(density * o * i)
+    return 3 * nnz + (o + 1) + (i + 1) + min(o, nnz) + min(i, nnz)
+
+
 def _trainable_shapes(inp: PlanInputs, rank: int, density: float) -> list[tuple[int, str]]:
     """(numel, kind) of every trainable parameter, for one layer."""
     shapes = inp.model.linear_shapes()
@@ -473,15 +481,11 @@ def _state(inp: PlanInputs, rank: int, density: float) -> dict[str, float]:
     # gradients and optimizer state here
     p_train = m.layers * sum(k for k, _ in layer_params) + inp.whole_trained
     trainable = m.layers * a * sum(_shard(k, n, z, thr) for k, _ in layer_params)
-    csr = 0
+    csr = 0  # the packed int32 mask indices, one frozen parameter per matrix (ZeRO-3 shards it)
     if density:
         for name in inp.targets:
-            o, i = shapes[name]
-            nnz = round(density * o * i)
-            csr += 4 * (3 * nnz + (o + 1) + (i + 1) + min(o, nnz) + min(i, nnz))
-    # on the CPU the trainer's own copy of the masks (kept for checkpoints) is the same memory
-    csr_copies = 2 if inp.device == "cpu" else 1
-    trainable += csr_copies * m.layers * csr
+            csr += 4 * _shard(_csr_entries(*shapes[name], density), n, z, thr)
+    trainable += m.layers * csr
     part = math.ceil(p_train / nz)
     # optimizer state
     if inp.optimizer == "fp32":
@@ -529,6 +533,8 @@ def _module_bytes(inp: PlanInputs) -> list[tuple[str, float]]:
             nbytes = a * o * i
         if name in inp.targets:
             nbytes += a * (inp.rank * (o + i) + round(inp.density * o * i))
+            if inp.density:
+                nbytes += 4 * _csr_entries(o, i, inp.density)
         per_layer.append((name, nbytes))
     mods = [("embed", a * m.vocab * m.hidden)]
     for layer in range(m.layers):
@@ -689,7 +695,7 @@ def _communication(inp: PlanInputs, bd: Breakdown, st: dict[str, float]) -> None
     else:  # every partitioned parameter gathered in forward and in backward, every micro-batch
         full = replace(inp, gpus=1, zero_stage=3)
         whole = _state(full, inp.rank, inp.density)
-        gathered = whole["frozen"] + whole["trainable"] - whole["csr"]
+        gathered = whole["frozen"] + whole["trainable"]  # the mask indices too
         step = gas * (f * grads + 2 * f * gathered)
     bd.comm_step = step
     mats = [shapes[t] for t in inp.targets]

@@ -75,8 +75,7 @@ class ModelFlops:
             per_token += dense * (3 if module.train_base else 2)  # frozen: no weight gradient
             if module.rank:
                 per_token += 3 * 2.0 * module.rank * (module.in_features + module.out_features)
-            if module.structure is not None:
-                per_token += 3 * 2.0 * module.structure.nnz
+            per_token += 3 * 2.0 * module.mask_nnz
         for module in model.modules():
             if isinstance(module, nn.Linear | QuantizedLinear) and id(module) not in counted:
                 trained = any(p.requires_grad for p in module.parameters(recurse=False))

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rosa_ds import faults, precision
+from rosa_ds.adapters.inject import adapted_modules
 from rosa_ds.adapters.masks import masks_of
 from rosa_ds.checkpoint import load_checkpoint, read_state, save_checkpoint
 from rosa_ds.config import RunConfig, dump_config
@@ -95,6 +96,14 @@ def parameter_elements(model: torch.nn.Module) -> tuple[int, int]:
     """Parameter elements this rank holds, and the model's total (they differ under ZeRO-3)."""
     counts = [local_numel(p) for p in model.parameters()]
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+def mask_index_elements(model: torch.nn.Module) -> tuple[int, int]:
+    """Mask index entries (int32) the most loaded rank holds, and the masks' total: under
+    ZeRO-3 each rank keeps only its partition of them, as of any parameter."""
+    counts = [local_numel(m.mask_index) for m in adapted_modules(model).values() if m.mask_nnz]
+    (most,) = all_reduce_max([float(sum(c[0] for c in counts))])
+    return int(most), sum(c[1] for c in counts)
 
 
 def trainable_elements(model: torch.nn.Module) -> int:
@@ -258,7 +267,7 @@ class Trainer:
             progress.state(),
             lambda folder: self.method.checkpoint_extras(run, folder),
             self.cfg.train.keep_checkpoints,
-            masks=masks_of(built.model),
+            masks=masks_of(built.model, keep=built.placement.rank == 0),
             tag_prefix="step" if progress.phase == "train" else progress.phase,
         )
 
@@ -346,6 +355,7 @@ class Trainer:
         self, built: Built, progress: Progress, ckpt: Path, elapsed: float, samples: list
     ) -> dict[str, Any]:
         local, total = parameter_elements(built.model)
+        mask_local, mask_total = mask_index_elements(built.model)
         h = progress.history
         losses = h.get("losses", [])
         summary = {
@@ -359,6 +369,8 @@ class Trainer:
             "param_elements_local": local,
             "param_elements_total": total,
             "trainable_elements": trainable_elements(built.model),
+            "mask_index_elements_max_rank": mask_local,
+            "mask_index_elements_total": mask_total,
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "losses": losses,

@@ -1,6 +1,6 @@
 """Robust adaptation across real processes: the masks built by 2 ranks (ZeRO-2 and ZeRO-3)
-equal the single-process masks, each rank holds half the accumulator, both ways of going on
-after the mask train, and resume keeps the mask."""
+equal the single-process masks, each rank holds half the accumulator (and under ZeRO-3 half the
+mask indices), both ways of going on after the mask train, and resume keeps the mask."""
 
 from __future__ import annotations
 
@@ -72,6 +72,17 @@ def test_restart_trains_to_lower_loss(which, request):
     assert summary["losses"][-1] < summary["losses"][0] - 0.1
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
     assert summary["mask_nnz"] > 0
+
+
+def test_zero3_partitions_the_mask_indices(zero2, zero3):
+    """Under ZeRO-3 every rank keeps only its partition of the masks' indices (one partition
+    per layer, so at most one entry of padding per layer); under ZeRO-2 each rank keeps them
+    all. Both runs chose the same masks, so the totals are equal."""
+    z2, z3 = zero2[1], zero3[1]
+    total = z3["mask_index_elements_total"]
+    assert total > 0 and total == z2["mask_index_elements_total"]
+    assert z2["mask_index_elements_max_rank"] == total
+    assert z3["mask_index_elements_max_rank"] <= total / 2 + 14
 
 
 def test_sparse_add_and_spmm_paths_train_alike_under_zero3(zero3, tmp_path_factory):

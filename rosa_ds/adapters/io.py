@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rosa_ds.adapters.inject import adapted_modules
-from rosa_ds.adapters.layer import MASK_BUFFERS
+from rosa_ds.adapters.layer import MASK_FIELDS
 from rosa_ds.adapters.trained_modules import NEW_TOKENS, trained_module_names, trained_params
 from rosa_ds.errors import UserError
 from rosa_ds.kernels.csr import SparseStructure
@@ -42,12 +42,14 @@ def gather_adapter_state(model: nn.Module, has_optimizer: bool) -> dict[str, tor
     return state
 
 
-def structure_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The masks' CSR indices, stored beside the values so an adapter file stands alone."""
+def structure_state(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The masks' CSR indices, stored beside the values so an adapter file stands alone.
+    Every rank calls this (ZeRO-3 gathers each mask in turn); ranks with ``keep`` get them."""
     state = {}
     for name, module in adapted_modules(model).items():
-        for attr, buf in module.adapter_buffers().items():
-            state[f"{name}.{attr}"] = buf.detach().cpu().clone()
+        mask = module.read_mask(keep)
+        if mask is not None:
+            state.update({f"{name}.{f}": getattr(mask, f) for f in MASK_FIELDS})
     return state
 
 
@@ -70,7 +72,7 @@ def adapter_meta(
         "dropout": float(getattr(first.dropout, "p", 0.0)),
         "modules": sorted(modules),
         "sparse_modules": sparse,
-        "sparse_nnz": sum(modules[n].sparse_values.numel() for n in sparse),
+        "sparse_nnz": sum(modules[n].mask_nnz for n in sparse),
         "train_modules": trained_module_names(model),
         "new_special_tokens": getattr(model, NEW_TOKENS, []),
         "chat_template": chat_template,
@@ -168,7 +170,7 @@ def apply_adapter_state(
     """
     modules = adapted_modules(model)
     whole = trained_params(model)
-    state = {k: v for k, v in state.items() if k.rsplit(".", 1)[1] not in MASK_BUFFERS}
+    state = {k: v for k, v in state.items() if k.rsplit(".", 1)[1] not in MASK_FIELDS}
     expected = {f"{n}.{a}" for n, m in modules.items() for a in m.adapter_params()} | set(whole)
     if allow_missing_sparse:
         expected = {k for k in expected if not k.endswith(".sparse_values")} | (

@@ -6,14 +6,17 @@
 partitioned weight through its own hooks and a 4-bit ``QuantizedLinear`` (``rosa_ds.quant``)
 can take its place.
 With rank 0 there is no low-rank part (SpA); with no mask there is no sparse part (LoRA); with
-both it is RoSA. ``S`` has a fixed mask (``SparseStructure``, kept as buffers so it follows the
-module's device) and trainable ``sparse_values``, which start at zero so that attaching a mask
-does not change the function. With ``train_base`` the base weight itself is trained (full
+both it is RoSA. ``S`` has a fixed mask and trainable ``sparse_values``, which start at zero so
+that attaching a mask does not change the function. The mask's index arrays (``SparseStructure``)
+live packed in one frozen int32 parameter, ``mask_index``, so that under ZeRO-3 every rank keeps
+only its partition of them, as of every other parameter, and DeepSpeed's module hooks gather
+them with the values for forward and again for backward; the sparse autograd functions read
+the structure again in backward instead of keeping it from forward. With ``train_base`` the base weight itself is trained (full
 fine-tuning of the targeted layers), with no low-rank or sparse part.
 
 The layer states its contract: ``adapter_params()`` are the tensors training updates, by the
-names adapter files use, and ``ROLES`` gives each one's optimizer group; ``adapter_buffers()``
-are the mask indices an adapter file carries beside them. Files, optimizer groups, export and
+names adapter files use, and ``ROLES`` gives each one's optimizer group; ``read_mask()`` gives the
+mask indices an adapter file carries beside them. Files, optimizer groups, export and
 evaluation read these instead of parameter names.
 """
 
@@ -25,15 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rosa_ds.kernels.csr import FIELDS, SparseStructure
+from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.kernels.sparse_linear import sparse_add_linear, sparse_linear, use_sparse_add
 from rosa_ds.quant.frozen import FrozenWeight, frozen_weight
+from rosa_ds.zero_params import gathered
 
 # The optimizer group of each trainable tensor: the low-rank factors are reset together at a
 # resample (Adam's step count is per group), the sparse values and full weights keep their state.
 ROLES = {"lora_A": "lowrank", "lora_B": "lowrank", "sparse_values": "sparse", "weight": "full"}
-# The mask indices an adapter file stores beside the sparse values.
-MASK_BUFFERS = ("row_ptr", "col_idx")
+# The mask indices an adapter file stores beside the sparse values (the rest is derived).
+MASK_FIELDS = ("row_ptr", "col_idx")
 
 
 class AdaptedLinear(nn.Module):
@@ -68,6 +72,8 @@ class AdaptedLinear(nn.Module):
             self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
             self.reset_adapter()
         self.sparse_values: nn.Parameter | None = None
+        self.mask_index: nn.Parameter | None = None
+        self.mask_nnz = 0
         self._shape = (self.out_features, self.in_features)
 
     def reset_adapter(self) -> None:
@@ -88,11 +94,13 @@ class AdaptedLinear(nn.Module):
             params["weight"] = self.base.weight
         return params
 
-    def adapter_buffers(self) -> dict[str, torch.Tensor]:
-        """The mask indices that make the sparse values meaningful (empty without a mask)."""
-        if self.sparse_values is None:
-            return {}
-        return {name: getattr(self, name) for name in MASK_BUFFERS}
+    def read_mask(self, keep: bool = True) -> SparseStructure | None:
+        """A copy of the mask that owns its tensors, on ranks with ``keep`` (None without a
+        mask). A collective under ZeRO-3 (the indices are gathered): every rank calls it."""
+        if self.mask_index is None:
+            return None
+        with gathered([self.mask_index]):
+            return self.structure.clone() if keep else None
 
     @property
     def frozen(self) -> FrozenWeight:
@@ -110,18 +118,31 @@ class AdaptedLinear(nn.Module):
         """Give the layer a fixed sparse mask with zero-valued trainable values."""
         if structure.shape != self._shape:
             raise ValueError(f"mask shape {structure.shape} does not match layer {self._shape}")
-        for name, tensor in structure.tensors().items():
-            self.register_buffer(name, tensor.clone(), persistent=False)
+        flat, self._mask_lengths = structure.packed()
+        self.mask_index = nn.Parameter(flat, requires_grad=False)
+        self.mask_nnz = structure.nnz
         self._max_row_nnz = structure.max_row_nnz
         self.sparse_values = nn.Parameter(torch.zeros(structure.nnz))
 
     @property
     def structure(self) -> SparseStructure | None:
-        if self.sparse_values is None:
+        """The mask over views of ``mask_index``, which must be whole: under ZeRO-3 only inside
+        forward and backward (DeepSpeed gathers it) or a ``gathered`` block (see ``read_mask``)."""
+        if self.mask_index is None:
             return None
-        return SparseStructure(
-            self._shape, *(getattr(self, n) for n in FIELDS), max_row_nnz=self._max_row_nnz
+        if self.mask_index.numel() != sum(self._mask_lengths):
+            raise RuntimeError(
+                "the mask indices are partitioned (ZeRO-3); read them with read_mask() or "
+                "inside zero_params.gathered([module.mask_index])"
+            )
+        return SparseStructure.from_packed(
+            self.mask_index.data, self._mask_lengths, self._shape, self._max_row_nnz
         )
+
+    def _structure_now(self) -> SparseStructure:
+        """The structure as it is when called: what the sparse autograd functions read in
+        forward and again in backward, so no index array is kept alive in between."""
+        return self.structure
 
     # --- maths -----------------------------------------------------------------------------
     def _sparse_add(self, x: torch.Tensor) -> bool:
@@ -129,15 +150,13 @@ class AdaptedLinear(nn.Module):
         if not self.reads_frozen_in_forward:
             return False
         tokens = x.numel() // self.in_features
-        return use_sparse_add(
-            self.sparse_values.numel(), self.out_features * self.in_features, tokens
-        )
+        return use_sparse_add(self.mask_nnz, self.out_features * self.in_features, tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         merged = self._sparse_add(x)
         if merged:
             out = sparse_add_linear(
-                x, self.base.weight, self.base.bias, self.sparse_values, self.structure
+                x, self.base.weight, self.base.bias, self.sparse_values, self._structure_now
             )
         else:
             out = self.base(x)
@@ -146,7 +165,7 @@ class AdaptedLinear(nn.Module):
             update = F.linear(F.linear(h, self.lora_A), self.lora_B)
             out = out + (self.scale * update).to(out.dtype)
         if self.sparse_values is not None and not merged:
-            out = out + sparse_linear(x, self.sparse_values, self.structure).to(out.dtype)
+            out = out + sparse_linear(x, self.sparse_values, self._structure_now).to(out.dtype)
         return out
 
     def delta_weight(self) -> torch.Tensor:
@@ -160,8 +179,7 @@ class AdaptedLinear(nn.Module):
         return delta
 
     def extra_repr(self) -> str:
-        nnz = self.sparse_values.numel() if self.sparse_values is not None else 0
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
-            f"alpha={self.alpha}, sparse_nnz={nnz}, train_base={self.train_base}"
+            f"alpha={self.alpha}, sparse_nnz={self.mask_nnz}, train_base={self.train_base}"
         )

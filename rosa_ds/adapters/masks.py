@@ -231,10 +231,11 @@ def check_masks(masks: dict[str, SparseStructure], model: nn.Module, cfg: Adapte
             )
 
 
-def masks_of(model: nn.Module) -> dict[str, SparseStructure]:
-    return {
-        n: m.structure for n, m in adapted_modules(model).items() if m.sparse_values is not None
-    }
+def masks_of(model: nn.Module, keep: bool = True) -> dict[str, SparseStructure]:
+    """Copies of the model's masks on ranks with ``keep``; every rank calls this (ZeRO-3
+    gathers each mask in turn, so no rank ever holds more than one mask it does not keep)."""
+    masks = {n: m.read_mask(keep) for n, m in adapted_modules(model).items()}
+    return {n: s for n, s in masks.items() if s is not None}
 
 
 def attach_masks(model: nn.Module, masks: dict[str, SparseStructure]) -> None:

@@ -184,10 +184,11 @@ def write_subspace_adapter(
         if k.rsplit(".", 1)[1] in keep or k in whole
     }
     frozen = gather_frozen_weights(model) if lossy else None
+    masks = structure_state(model, keep=rank == 0)
     if rank != 0:
         return
     state.update(trained)
-    state.update(structure_state(model))
+    state.update(masks)
     meta = adapter_meta(model, base_model, method, chat_template)
     meta.update(delta_ranks=ranks, resamples=resamples, exact_frozen=lossy)
     save_adapter(folder, state, meta, {FROZEN_IN_ADAPTER: frozen} if lossy else None)

@@ -98,6 +98,26 @@ class SparseStructure:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in FIELDS}
 
+    def packed(self) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Every index array in one flat int32 tensor, and each array's length: the form a layer
+        keeps, so that ZeRO-3 can partition and gather a mask like any other parameter."""
+        parts = [getattr(self, name).to(torch.int32).flatten() for name in FIELDS]
+        return torch.cat(parts), tuple(p.numel() for p in parts)
+
+    @classmethod
+    def from_packed(
+        cls, flat: torch.Tensor, lengths: tuple[int, ...], shape: tuple[int, int], max_row_nnz: int
+    ) -> SparseStructure:
+        """The structure over views of ``flat`` (``packed``'s output; nothing is copied)."""
+        if flat.numel() != sum(lengths):
+            raise ValueError(f"packed mask has {flat.numel()} entries, expected {sum(lengths)}")
+        return cls(tuple(shape), *torch.split(flat, list(lengths)), max_row_nnz=max_row_nnz)
+
+    def clone(self) -> SparseStructure:
+        """A copy that owns its tensors (on the CPU), e.g. of a gathered structure."""
+        copies = {name: getattr(self, name).detach().cpu().clone() for name in FIELDS}
+        return SparseStructure(self.shape, **copies, max_row_nnz=self.max_row_nnz)
+
     @classmethod
     def from_csr(
         cls, row_ptr: torch.Tensor, col_idx: torch.Tensor, shape: tuple[int, int]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -18,6 +19,9 @@ from rosa_ds.kernels import torch_sparse
 from rosa_ds.kernels.csr import SparseStructure
 
 BACKENDS = ("auto", "torch", "triton")
+# A mask, or a function that returns it when called: the autograd functions call it in forward
+# and again in backward, so a layer whose indices ZeRO-3 partitions keeps none alive in between.
+StructureSource = SparseStructure | Callable[[], SparseStructure]
 PATHS = ("auto", "spmm", "add")
 _backend = os.environ.get("ROSA_DS_SPARSE_BACKEND", "auto")
 _path = "auto"
@@ -59,6 +63,10 @@ def backend_for(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and triton_available() else "torch"
 
 
+def _structure(source: StructureSource) -> SparseStructure:
+    return source if isinstance(source, SparseStructure) else source()
+
+
 def _ops(device: torch.device):
     if backend_for(device) == "triton":
         from rosa_ds.kernels import triton_sparse
@@ -71,15 +79,15 @@ class SparseLinearFunction(torch.autograd.Function):
     """``x S^T`` for a fixed mask: SpMM forward, SpMM and SDDMM (masked) backward."""
 
     @staticmethod
-    def forward(ctx, x2d: torch.Tensor, values: torch.Tensor, s: SparseStructure):
-        ctx.structure = s
+    def forward(ctx, x2d: torch.Tensor, values: torch.Tensor, source: StructureSource):
+        ctx.source = source
         ctx.save_for_backward(x2d, values)
-        return _ops(x2d.device).spmm(x2d, values, s)
+        return _ops(x2d.device).spmm(x2d, values, _structure(source))
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2d, values = ctx.saved_tensors
-        s = ctx.structure
+        s = _structure(ctx.source)
         ops = _ops(dy.device)
         dx = ops.spmm_t(dy, values, s) if ctx.needs_input_grad[0] else None
         dv = ops.sddmm(dy, x2d, s).to(values.dtype) if ctx.needs_input_grad[1] else None
@@ -94,17 +102,17 @@ class SparseAddLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x2d, weight, bias, values, s: SparseStructure):
+    def forward(ctx, x2d, weight, bias, values, source: StructureSource):
         ops = _ops(x2d.device)
-        merged = ops.sparse_add(weight.detach(), values.detach(), s)
-        ctx.structure, ctx.weight, ctx.has_bias = s, weight, bias is not None
+        merged = ops.sparse_add(weight.detach(), values.detach(), _structure(source))
+        ctx.source, ctx.weight, ctx.has_bias = source, weight, bias is not None
         ctx.save_for_backward(x2d, values)
         return torch.nn.functional.linear(x2d, merged, bias)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2d, values = ctx.saved_tensors
-        s = ctx.structure
+        s = _structure(ctx.source)
         ops = _ops(dy.device)
         dx = dbias = dv = None
         if ctx.needs_input_grad[0]:
@@ -122,16 +130,16 @@ def sparse_add_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     values: torch.Tensor,
-    s: SparseStructure,
+    s: StructureSource,
 ) -> torch.Tensor:
     """``x (W + S)^T + b`` for x of shape (..., in); ``W`` must not need a gradient."""
     lead = x.shape[:-1]
     y = SparseAddLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, values, s)
-    return y.reshape(*lead, s.shape[0])
+    return y.reshape(*lead, weight.shape[0])
 
 
-def sparse_linear(x: torch.Tensor, values: torch.Tensor, s: SparseStructure) -> torch.Tensor:
+def sparse_linear(x: torch.Tensor, values: torch.Tensor, s: StructureSource) -> torch.Tensor:
     """``x S^T`` for x of shape (..., in)."""
     lead = x.shape[:-1]
     y = SparseLinearFunction.apply(x.reshape(-1, x.shape[-1]), values, s)
-    return y.reshape(*lead, s.shape[0])
+    return y.reshape(*lead, y.shape[-1])

@@ -113,8 +113,8 @@ class Method:
         """Gather the adapter (every rank) and write it (rank 0)."""
         built = run.built
         state = gather_adapter_state(built.model, has_optimizer=True)
+        state.update(structure_state(built.model, keep=built.placement.rank == 0))
         if built.placement.rank == 0:
-            state.update(structure_state(built.model))
             meta = adapter_meta(
                 built.model, self.cfg.model.name_or_path, self.name, self.own_template(built)
             )

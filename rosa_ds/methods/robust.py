@@ -82,6 +82,13 @@ class Robust(Method):
             opts.adapter_state, opts.start_step = self.carry, self.carry_step
         return opts
 
+    def start_pass(self, run: Run) -> None:
+        super().start_pass(run)
+        if run.progress.phase != WARMUP:
+            # The layers hold the masks now (under ZeRO-3 each rank its partition of them);
+            # checkpoints read them from there, so no rank keeps a whole copy for the run.
+            self.masks = None
+
     def segments(self, progress: Progress) -> list[Segment]:
         if progress.phase != WARMUP:
             return super().segments(progress)
