@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_check.sh --dry-run  # anywhere: the same pipeline on the tiny model, CPU
 #
 # 1. the kernel tests (Triton SpMM, SDDMM, sparse-add against the dense torch reference);
-# 2. benchmarks/kernels.py: the kernels against a dense GEMM on 7B shapes;
+# 2. benchmarks/sparse_kernels.py: the kernels against a dense GEMM on 7B shapes;
 # 3. benchmarks/step_time.py --vs lora: RoSA r=8 + 2.3% vs LoRA r=16 at equal budget, bf16;
 # 4. 12 training steps each of LoRA, RoSA, ROSA and QLoRA through `rosa-ds train`: tokens/s,
 #    MFU (H100/H200/A100 peaks from rosa_ds/telemetry.py) and peak memory against the planner.
@@ -47,7 +47,7 @@ if [ "$DRY" = 0 ]; then
     echo "gpu_check: kernel tests exit $code: $(tail -1 "$OUT/kernel_tests.log")"
     FIGURES+=("kernel_tests=$([ $code = 0 ] && echo pass || echo FAIL)")
     # 2. kernels against a dense GEMM on 7B shapes
-    timeout 60 "$PY" benchmarks/kernels.py --repeat 5 >"$OUT/kernels.log" 2>&1
+    timeout 60 "$PY" benchmarks/sparse_kernels.py --repeat 5 >"$OUT/kernels.log" 2>&1
     echo "gpu_check: kernels: $(tail -1 "$OUT/kernels.log")"
     FIGURES+=("$(tail -1 "$OUT/kernels.log" | tr -s ' ' '\n' | grep '=' | tr '\n' ' ')")
     # 3. RoSA / LoRA step time at equal budget, one GPU, bf16

@@ -233,3 +233,16 @@ def test_every_public_class_says_why_it_exists():
         and not ast.get_docstring(node)
     ]
     assert not missing, f"classes without a docstring: {missing}"
+
+
+def test_no_benchmark_script_shadows_an_installed_module():
+    """``python benchmarks/X.py`` puts ``benchmarks/`` first on the import path, so a script
+    named like an installed package hides it from every library that imports it (transformers
+    imports the ``kernels`` package when it is installed: a ``benchmarks/kernels.py`` broke
+    every benchmark that builds a Llama)."""
+    import importlib.util
+
+    scripts = sorted((REPO / "benchmarks").glob("*.py"))
+    assert scripts
+    shadowing = [f.name for f in scripts if importlib.util.find_spec(f.stem) is not None]
+    assert not shadowing, shadowing

@@ -149,6 +149,38 @@ def test_sparse_add_path_equals_spmm_path(bias):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
 
 
+@pytest.mark.parametrize("path", ["spmm", "add"])
+def test_the_mask_is_read_again_in_backward_not_kept_from_forward(path):
+    """Under ZeRO-3 a layer's mask indices exist whole only while DeepSpeed has them gathered
+    (in forward, and again in backward): each sparse function must ask for the structure in
+    both, holding no index array from one to the other. The layer's packed mask round-trips."""
+    from rosa_ds.kernels import sparse_linear as sl
+
+    torch.manual_seed(0)
+    layer = AdaptedLinear(nn.Linear(17, 33), 4, 8.0)
+    structure = SparseStructure.from_dense_mask(_mask(33, 17, 0.2, 8))
+    layer.attach_mask(structure)
+    layer.base.requires_grad_(False)
+    assert layer.mask_index.dtype == torch.int32 and not layer.mask_index.requires_grad
+    for name, tensor in structure.tensors().items():
+        assert torch.equal(getattr(layer.read_mask(), name), tensor), name
+    reads = []
+    real = layer._structure_now
+    layer._structure_now = lambda: reads.append(1) or real()
+    try:
+        sl.set_path(path)
+        y = layer(torch.randn(2, 5, 17))
+        assert len(reads) == 1
+        y.sum().backward()
+        assert len(reads) == 2 and layer.sparse_values.grad is not None
+    finally:
+        sl.set_path("auto")
+    # a partitioned mask (ZeRO-3 outside a gather) cannot be read by mistake
+    layer.mask_index.data = torch.empty(0, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="partitioned"):
+        layer.structure  # noqa: B018
+
+
 def test_the_cpu_merge_rounds_w_plus_s_once_in_bf16():
     """The CPU merge of ``S`` into a bf16 weight is the fp32 sum ``W + S`` rounded once, as the
     Triton kernel computes it (rounding ``S`` to bf16 first, then the sum, changed 20 of 1500

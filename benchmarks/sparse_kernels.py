@@ -6,7 +6,7 @@ dense GEMM ``x W^T`` measured in the same run. On a GPU it times the Triton kern
 ``torch.sparse``; on a CPU it times the torch path (torch's CSR kernels), and the Triton figures
 need a GPU. The last line: ``spmm_vs_gemm=X sddmm_vs_gemm=Y add_vs_gemm=Z`` (median ratios).
 
-    python benchmarks/kernels.py
+    python benchmarks/sparse_kernels.py
 """
 
 from __future__ import annotations
