@@ -45,6 +45,9 @@ def sparse_add(w: torch.Tensor, values: torch.Tensor, s: SparseStructure) -> tor
     out = w.detach().clone()
     flat = out.view(-1)
     idx = s.flat_indices().to(w.device)
+    if w.dtype == torch.float32:  # each position once: one fp32 addition each, in one pass
+        flat.index_add_(0, idx, values.detach().float())
+        return out
     merged = flat.index_select(0, idx).float() + values.detach().float()
     flat.index_copy_(0, idx, merged.to(w.dtype))
     return out
