@@ -76,7 +76,7 @@ def test_restart_trains_to_lower_loss(which, request):
 
 def test_zero3_partitions_the_mask_indices(zero2, zero3):
     """Under ZeRO-3 every rank keeps only its partition of the masks' indices (one partition
-    per layer, so at most one entry of padding per layer); under ZeRO-2 each rank keeps them
+    per matrix, so at most one entry of padding per matrix); under ZeRO-2 each rank keeps them
     all. Both runs chose the same masks, so the totals are equal."""
     z2, z3 = zero2[1], zero3[1]
     total = z3["mask_index_elements_total"]
