@@ -23,7 +23,7 @@ LoRA warm-up, no gradient clipping.
 Writes ``results.json``, a markdown table (mean +- std over seeds) and PNGs (accuracy by method
 and budget with error bars, loss curves); the last line gives the key figures at the small
 budget: ``rosa_minus_lora=``, ``subspace_minus_lora=``, ``full_minus_lora=`` (test exact match,
-mean over seeds).
+mean over seeds), then the same at the large budget with ``_large`` when it ran.
 
     python benchmarks/quality.py --plan             # the runs and their estimated cost
     python benchmarks/quality.py                    # the study (hours on 2 CPU cores)
@@ -423,28 +423,27 @@ def main() -> None:
     for png in plot(report, curves, root):
         print(f"plot: {png}")
 
-    def small(method: str) -> float | None:
+    def mean_of(method: str, budget: str) -> float | None:
         found = [
             r["test_mean"]
             for r in report.values()
-            if r["method"] == method and r["budget"] in ("small", "full") and not r["control"]
+            if r["method"] == method and r["budget"] in (budget, "full") and not r["control"]
         ]
         return found[0] if found else None
 
-    lora = small("lora")
-    figures = {
-        "rosa_minus_lora": small("robust"),
-        "subspace_minus_lora": small("subspace"),
-        "full_minus_lora": small("full"),
-    }
-    print(
-        " ".join(
-            f"{k}={v - lora:.3f}" if v is not None and lora is not None else f"{k}=nan"
-            for k, v in figures.items()
-        )
-        + f" lora_small={lora if lora is not None else float('nan'):.3f}"
-        + f" seconds={time.time() - t0:.0f}"
-    )
+    def differences(budget: str, suffix: str) -> list[str]:
+        lora = mean_of("lora", budget)
+        out = []
+        for key, method in (("rosa", "robust"), ("subspace", "subspace"), ("full", "full")):
+            v = mean_of(method, budget)
+            diff = v - lora if v is not None and lora is not None else float("nan")
+            out.append(f"{key}_minus_lora{suffix}={diff:.3f}")
+        return [*out, f"lora_{budget}={lora if lora is not None else float('nan'):.3f}"]
+
+    figures = differences("small", "")  # the key figures: the small budget's
+    if any(r["budget"] == "large" for r in report.values()):
+        figures += differences("large", "_large")
+    print(" ".join([*figures, f"seconds={time.time() - t0:.0f}"]))
 
 
 if __name__ == "__main__":
