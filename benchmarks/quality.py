@@ -177,6 +177,7 @@ def common(args) -> list[str]:
         "eval.batch_size=32",
         "eval.max_loss_examples=64",
         "deepspeed.config=zero2",
+        *args.set,  # an ablation's overrides, last so they win
     ]
 
 
@@ -352,6 +353,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
     ap.add_argument("--only", nargs="*", help="cell names to run (default: all)")
     ap.add_argument("--out", default=str(REPO / "runs" / "quality"))
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config overrides for every run (an ablation; give it its own --out)",
+    )
     ap.add_argument("--plan", action="store_true", help="print the runs, run nothing")
     args = ap.parse_args()
     root = Path(args.out)
