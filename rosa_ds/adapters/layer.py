@@ -11,8 +11,9 @@ that attaching a mask does not change the function. The mask's index arrays (``S
 live packed in one frozen int32 parameter, ``mask_index``, so that under ZeRO-3 every rank keeps
 only its partition of them, as of every other parameter, and DeepSpeed's module hooks gather
 them with the values for forward and again for backward; the sparse autograd functions read
-the structure again in backward instead of keeping it from forward. With ``train_base`` the base weight itself is trained (full
-fine-tuning of the targeted layers), with no low-rank or sparse part.
+the structure again in backward instead of keeping it from forward. With ``train_base`` the
+base weight itself is trained (full fine-tuning of the targeted layers), with no low-rank or
+sparse part.
 
 The layer states its contract: ``adapter_params()`` are the tensors training updates, by the
 names adapter files use, and ``ROLES`` gives each one's optimizer group; ``read_mask()`` gives the
