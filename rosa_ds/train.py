@@ -101,7 +101,8 @@ def parameter_elements(model: torch.nn.Module) -> tuple[int, int]:
 def mask_index_elements(model: torch.nn.Module) -> tuple[int, int]:
     """Mask index entries (int32) the most loaded rank holds, and the masks' total: under
     ZeRO-3 each rank keeps only its partition of them, as of any parameter."""
-    counts = [local_numel(m.mask_index) for m in adapted_modules(model).values() if m.mask_nnz]
+    modules = adapted_modules(model).values()
+    counts = [local_numel(m.mask_index) for m in modules if m.mask_index is not None]
     (most,) = all_reduce_max([float(sum(c[0] for c in counts))])
     return int(most), sum(c[1] for c in counts)
 
