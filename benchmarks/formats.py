@@ -59,7 +59,8 @@ def train(name: str, data_args: list[str], out: Path, args) -> dict:
            "data.max_length=192", "data.eval_split=null", "eval.num_generate=0",
            "eval.max_loss_examples=32", "train.save_every=0", "train.trackers=[]",
            "deepspeed.config=zero2", *data_args]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=path)
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("HF_HUB_OFFLINE", "1")
     start = time.time()

@@ -9,7 +9,10 @@
 # 2. benchmarks/sparse_kernels.py: the kernels against a dense GEMM on 7B shapes;
 # 3. benchmarks/step_time.py --vs lora: RoSA r=8 + 2.3% vs LoRA r=16 at equal budget, bf16;
 # 4. 12 training steps each of LoRA, RoSA, ROSA and QLoRA through `rosa-ds train`: tokens/s,
-#    MFU (H100/H200/A100 peaks from rosa_ds/telemetry.py) and peak memory against the planner.
+#    MFU (H100/H200/A100 peaks from rosa_ds/telemetry.py) and peak memory against the planner;
+# 5. the equal-budget study's small budget (benchmarks/quality.py: LoRA r4, RoSA r2 + 0.58%,
+#    ROSA r4, full fine-tuning, 3 seeds, 256 test problems) in bf16, the settings of the CPU
+#    study's round 3, 4 runs at a time on the one GPU (GPU_CHECK_QUALITY=0 skips it).
 # Without a GPU (and without --dry-run) it says so and exits 0. Every part has a time limit; a
 # part that fails is reported as such and the rest still runs. The last line gives the figures
 # as name=value pairs; the logs are kept in $OUT (default: a new temporary folder).
@@ -18,7 +21,7 @@ cd "$(dirname "$0")/.." || exit 1
 PY="${ROSA_DS_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH="$PWD"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$(mktemp -d -t rosa-ds-gpu-check.XXXXXX)}"
 mkdir -p "$OUT"
 
@@ -41,17 +44,17 @@ FIGURES=()
 
 # 1. kernels against the dense reference
 if [ "$DRY" = 0 ]; then
-    timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+    timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
         tests/test_sparse.py >"$OUT/kernel_tests.log" 2>&1
     code=$?
     echo "gpu_check: kernel tests exit $code: $(tail -1 "$OUT/kernel_tests.log")"
     FIGURES+=("kernel_tests=$([ $code = 0 ] && echo pass || echo FAIL)")
     # 2. kernels against a dense GEMM on 7B shapes
-    timeout 60 "$PY" benchmarks/sparse_kernels.py --repeat 5 >"$OUT/kernels.log" 2>&1
+    timeout 45 "$PY" benchmarks/sparse_kernels.py --repeat 5 >"$OUT/kernels.log" 2>&1
     echo "gpu_check: kernels: $(tail -1 "$OUT/kernels.log")"
     FIGURES+=("$(tail -1 "$OUT/kernels.log" | tr -s ' ' '\n' | grep '=' | tr '\n' ' ')")
     # 3. RoSA / LoRA step time at equal budget, one GPU, bf16
-    timeout 90 "$PY" benchmarks/step_time.py --vs lora --nproc 1 --dtype bf16 \
+    timeout 75 "$PY" benchmarks/step_time.py --vs lora --nproc 1 --dtype bf16 \
         >"$OUT/step_time.log" 2>&1
     ratio=$(tail -1 "$OUT/step_time.log" | tr -s ' ' '\n' | grep '^ratio=' | cut -d= -f2)
     echo "gpu_check: step time: $(tail -1 "$OUT/step_time.log")"
@@ -88,7 +91,7 @@ print(
 )
 EOF
 }
-METHODS="${GPU_CHECK_METHODS:-lora rosa subspace qlora}"  # a subset: GPU_CHECK_METHODS=lora
+METHODS="${GPU_CHECK_METHODS-lora rosa subspace qlora}"  # a subset: GPU_CHECK_METHODS=lora
 for m in $METHODS; do
     case $m in
         lora) FIGURES+=("$(run_method lora "$LORA" adapter.rank=16)") ;;
@@ -98,5 +101,16 @@ for m in $METHODS; do
         *) echo "gpu_check: unknown method $m in GPU_CHECK_METHODS" >&2 ;;
     esac
 done
+
+# 5. the equal-budget study's small budget, bf16
+if [ "$DRY" = 0 ] && [ "${GPU_CHECK_QUALITY:-1}" = 1 ]; then
+    timeout "${GPU_CHECK_QUALITY_LIMIT:-300}" "$PY" benchmarks/quality.py --small-only \
+        --only lora-r4 rosa-r2-small subspace-r4 full --steps 64 --batch 4 --mask-warmup 8 \
+        --val 64 --test 256 --max-new-tokens 40 --precision bf16 --lrs 2e-3 --full-lrs 1e-4 \
+        --seeds 3 --jobs 4 --out "$OUT/quality" >"$OUT/quality.log" 2>&1
+    code=$?
+    echo "gpu_check: quality exit $code: $(tail -1 "$OUT/quality.log")"
+    FIGURES+=("$(tail -1 "$OUT/quality.log" | tr -s ' ' '\n' | grep '_minus_lora=\|^lora_small=' | tr '\n' ' ')")
+fi
 for f in "${FIGURES[@]}"; do echo "gpu_check: $f"; done
 echo "gpu_check=done out=$OUT ${FIGURES[*]}"

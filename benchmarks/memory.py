@@ -59,7 +59,7 @@ def env() -> dict[str, str]:
 
     if not torch.cuda.is_available():
         e.setdefault("DS_ACCELERATOR", "cpu")
-    e["PYTHONPATH"] = str(REPO)
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
     return e
 
 

@@ -182,10 +182,14 @@ def common(args) -> list[str]:
 
 
 def env() -> dict[str, str]:
+    import torch
+
     e = dict(os.environ)
-    e.update(OMP_NUM_THREADS="1", DS_ACCELERATOR=e.get("DS_ACCELERATOR", "cpu"))
+    e["OMP_NUM_THREADS"] = "1"
+    if not torch.cuda.is_available():
+        e.setdefault("DS_ACCELERATOR", "cpu")
     e.setdefault("HF_HUB_OFFLINE", "1")
-    e["PYTHONPATH"] = str(REPO)
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
     return e
 
 

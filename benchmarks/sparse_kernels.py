@@ -71,21 +71,7 @@ def main() -> None:
             flat = torch.randperm(numel, generator=g)[: round(density * numel)]
             s = SparseStructure.from_flat_indices(flat, (out_f, in_f))
             if cuda:
-                s = SparseStructure(
-                    s.shape,
-                    *(
-                        t.to(device)
-                        for t in (
-                            s.row_ptr,
-                            s.col_idx,
-                            s.row_order,
-                            s.t_row_ptr,
-                            s.t_col_idx,
-                            s.t_perm,
-                            s.t_row_order,
-                        )
-                    ),
-                )
+                s = s.to(device)
             values = torch.randn(s.nnz, generator=g).to(device, dtype)
             for tokens in (int(t) for t in args.tokens.split(",")):
                 x = torch.randn(tokens, in_f, generator=g).to(device, dtype)

@@ -107,17 +107,24 @@ def gradient_masks(path: str, cfg, tok, args) -> dict:
     from rosa_ds.adapters.masks import GradientCollector
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    device = _device()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     inject_adapters(model, cfg.adapter)
-    collector = GradientCollector(model, cfg.adapter)
+    collector = GradientCollector(model, cfg.adapter)  # reduces on the weights' device
     collector.start()
     for i in range(2):
-        model(
-            **problem_batch(tok, args.batch, args.seq, 100 + 2 * dist.get_rank() + i)
-        ).loss.backward()
+        batch = problem_batch(tok, args.batch, args.seq, 100 + 2 * dist.get_rank() + i)
+        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
         collector.count_micro_batch()
     collector.stop()
-    return collector.select(cfg.adapter)
+    return {name: s.to("cpu") for name, s in collector.select(cfg.adapter).items()}
+
+
+def _device() -> torch.device:
+    """This rank's accelerator (its GPU, or the CPU), as DeepSpeed places the engines."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 def concentration(masks: dict) -> tuple[float, float]:
@@ -159,6 +166,19 @@ def sparse_parts_ms(masks: dict, tokens: int, repeats: int = 5) -> dict[str, flo
     return total
 
 
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` less ``name VALUE`` and ``name=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
 def vs_lora(args) -> None:
     """RoSA against LoRA at the same trainable-parameter budget, 2 ranks, ZeRO-2."""
     if "RANK" not in os.environ:  # re-launch this script as args.nproc ranks
@@ -167,8 +187,12 @@ def vs_lora(args) -> None:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.nproc)))
         if not torch.cuda.is_available():
             env.setdefault("DS_ACCELERATOR", "cpu")
-        cmd = [str(torchrun), f"--nproc_per_node={args.nproc}", __file__, *sys.argv[1:]]
+        # the ranks learn their number from torchrun: some torchrun versions take a script's
+        # --nproc for an abbreviation of their own --nproc-per-node and stop
+        own = _without_option(sys.argv[1:], "--nproc")
+        cmd = [str(torchrun), f"--nproc_per_node={args.nproc}", __file__, *own]
         os.execve(str(torchrun), cmd, env)
+    args.nproc = int(os.environ["WORLD_SIZE"])
     import torch.distributed as dist
 
     from rosa_ds.adapters.inject import adapted_modules
@@ -221,16 +245,22 @@ def vs_lora(args) -> None:
         for k, e in engines.items()
     }
     batch = problem_batch(tok, args.batch, args.seq, seed=dist.get_rank())
+    batch = {k: v.to(_device()) for k, v in batch.items()}
+    from deepspeed.accelerator import get_accelerator
+
+    sync = get_accelerator().synchronize  # a GPU step ends when its kernels do
     times: dict[str, list[float]] = {k: [] for k in engines}
     for i in range(args.warmup + args.steps):
         order = list(engines) if i % 2 == 0 else list(reversed(engines))
         for kind in order:
             engine = engines[kind]
+            sync()
             dist.barrier()
             t0 = time.perf_counter()
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
+            sync()
             dist.barrier()
             if i >= args.warmup:
                 times[kind].append(time.perf_counter() - t0)

@@ -32,7 +32,9 @@ def load_adapted_model(
     tokens = meta.get("new_special_tokens", [])
     model_cfg = ModelConfig(name_or_path=base or meta["base_model"], new_special_tokens=tokens)
     path, _ = check_model(model_cfg)  # a typo or an offline hub id: one line, not a traceback
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype or "auto", **model_cfg.pretrained_kwargs()
+    )
     tokenizer = load_tokenizer(path, model_cfg)
     if meta.get("chat_template"):  # the run's own (data.chat_template), not the base's
         tokenizer.chat_template = meta["chat_template"]

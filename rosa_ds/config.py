@@ -57,6 +57,12 @@ class ModelConfig:
         "Attention kernel: eager, sdpa or flash_attention_2 (a CUDA GPU and the flash-attn "
         "package); auto: transformers' default (sdpa where the model supports it).",
     )
+    hub_kernels: bool = _f(
+        False,
+        "Let transformers (5.x) swap layers for kernels fetched from the Hugging Face Hub. Off: "
+        "they need the hub at run time (offline, a CUDA run stops at the first train()) and a "
+        "swapped layer's forward is not the one the adapters and the planner were built for.",
+    )
 
     def load_kwargs(self) -> dict[str, str]:
         """What ``from_pretrained`` / ``from_config`` get for the attention kernel."""
@@ -65,6 +71,16 @@ class ModelConfig:
             if self.attn_implementation == "auto"
             else {"attn_implementation": self.attn_implementation}
         )
+
+    def pretrained_kwargs(self) -> dict[str, Any]:
+        """``load_kwargs`` plus hub kernels on or off, for ``from_pretrained`` of a transformers
+        that has them (5.x turns them on unless told)."""
+        from transformers import PreTrainedModel
+
+        kwargs: dict[str, Any] = dict(self.load_kwargs())
+        if hasattr(PreTrainedModel, "set_use_kernels"):
+            kwargs["use_kernels"] = self.hub_kernels
+        return kwargs
 
 
 @dataclass

@@ -62,7 +62,9 @@ def load_for_generation(args: argparse.Namespace) -> tuple[Any, Any, bool | str]
 
         cfg = ModelConfig(name_or_path=args.base)
         path, _ = check_model(cfg)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or "auto", **cfg.pretrained_kwargs()
+        )
         tokenizer = load_tokenizer(path, cfg)
     apply_template_choice(tokenizer, template)
     model.config.use_cache = True

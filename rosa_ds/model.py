@@ -242,7 +242,7 @@ def _from_pretrained(path: str, cfg: ModelConfig, dtype: Any) -> PreTrainedModel
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
         dtype=dtype,
-        **cfg.load_kwargs(),
+        **cfg.pretrained_kwargs(),
     )
 
 

@@ -175,3 +175,24 @@ def test_method_follows_the_keys_or_is_named():
     for keys in (["adapter.density=0.05"], ["adapter.resample_every=5"]):
         with pytest.raises(UserError, match="adapter.method=full needs"):
             load_config("tiny-full", keys)
+
+
+def test_hub_kernels_are_off_unless_asked_for(tiny_model_path):
+    """transformers 5 swaps layers for hub kernels by default; offline on a CUDA GPU the first
+    ``model.train()`` then stops on a missing download, and a swapped layer is not the one the
+    adapters wrap. rosa-ds loads with them off; ``model.hub_kernels=true`` asks for them."""
+    import torch
+    from transformers import PreTrainedModel
+
+    from rosa_ds.config import ModelConfig
+    from rosa_ds.model import load_model
+
+    if not hasattr(PreTrainedModel, "set_use_kernels"):
+        pytest.skip("this transformers has no hub kernels")
+    off = ModelConfig(name_or_path=tiny_model_path)
+    assert off.pretrained_kwargs()["use_kernels"] is False
+    assert ModelConfig(hub_kernels=True).pretrained_kwargs()["use_kernels"] is True
+    model = load_model(tiny_model_path, off, torch.float32)
+    model.train()
+    assert model.use_kernels is False
+    assert load_config("tiny-lora", ["model.hub_kernels=true"]).model.hub_kernels is True

@@ -113,6 +113,11 @@ class SparseStructure:
             raise ValueError(f"packed mask has {flat.numel()} entries, expected {sum(lengths)}")
         return cls(tuple(shape), *torch.split(flat, list(lengths)), max_row_nnz=max_row_nnz)
 
+    def to(self, device: torch.device | str) -> SparseStructure:
+        """The same structure with its index arrays on ``device`` (the kernels' inputs' device)."""
+        moved = {name: getattr(self, name).to(device) for name in FIELDS}
+        return SparseStructure(self.shape, **moved, max_row_nnz=self.max_row_nnz)
+
     def clone(self) -> SparseStructure:
         """A copy that owns its tensors (on the CPU), e.g. of a gathered structure."""
         copies = {name: getattr(self, name).detach().cpu().clone() for name in FIELDS}
