@@ -177,7 +177,6 @@ def common(args) -> list[str]:
         "eval.batch_size=32",
         "eval.max_loss_examples=64",
         "deepspeed.config=zero2",
-        *args.set,  # an ablation's overrides, last so they win
     ]
 
 
@@ -252,7 +251,7 @@ def train_cell(cell: Cell, lr: float, seed: int, args, root: Path) -> dict:
         import shutil
 
         shutil.rmtree(out)
-    cmd = cli("train", *common(args), *cell.overrides, *extra, *val, f"output_dir={out}")
+    cmd = cli("train", *common(args), *cell.overrides, *extra, *val, f"output_dir={out}", *args.set)
     run_logged(cmd, out.parent / f"{out.name}.log")
     return json.loads((out / "summary.json").read_text())
 
@@ -271,6 +270,7 @@ def test_score(cell: Cell, lr: float, seed: int, args, root: Path) -> dict:
         f"data.seed={1234 + seed}",
         *test,
         f"output_dir={out / 'test-eval'}",
+        *args.set,  # an ablation's overrides, last so they win over the cell's own
         "--adapter",
         str(out / "adapter"),
     )
@@ -362,7 +362,7 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="run-config overrides for every run (an ablation; give it its own --out)",
+        help="run-config overrides for every run, over the cell's own (an ablation; its own --out)",
     )
     ap.add_argument("--plan", action="store_true", help="print the runs, run nothing")
     args = ap.parse_args()
