@@ -87,7 +87,7 @@ def lora_params(shapes, rank: int) -> int:
 def cells(shapes, args) -> list[Cell]:
     numel = sum(o * i for o, i in shapes)
     lr = args.lrs
-    every = max(1, args.steps // (args.resamples + 1))
+    every = max(1, -(-args.steps // (args.resamples + 1)))  # exactly N resamples before the end
     out = []
     for budget, rank in (("small", args.small_rank), ("large", args.large_rank)):
         if budget == "large" and args.small_only:
@@ -338,7 +338,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     ap.add_argument("--mask-warmup", type=int, default=16, help="LoRA steps before collecting")
     ap.add_argument(
-        "--resamples", type=int, default=2, help="ROSA resamples every steps // (N + 1) steps"
+        "--resamples",
+        type=int,
+        default=2,
+        help="N ROSA resamples in the main pass, every ceil(steps / (N + 1)) steps",
     )
     ap.add_argument("--difficulty", type=int, default=3)
     ap.add_argument("--num-train", type=int, default=2000)
