@@ -35,12 +35,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, s: SparseStructure) -> torch.Tensor
     """``(dy^T x)`` sampled at the non-zeros, in CSR order: the gradient of the values."""
     zeros = torch.zeros(s.nnz, dtype=torch.float32, device=s.row_ptr.device)
     pattern = _csr(s.row_ptr, s.col_idx, zeros, s.shape)
-    x = x.float()
-    if x.device.type == "cpu":
-        # each sampled entry is a row of dy^T times a column of x: the CPU kernel reads x's
-        # columns faster from a column-major copy than strided (measured in step_time.py)
-        x = x.T.contiguous().T
-    out = torch.sparse.sampled_addmm(pattern, dy.float().T.contiguous(), x, beta=0.0)
+    out = torch.sparse.sampled_addmm(pattern, dy.float().T.contiguous(), x.float(), beta=0.0)
     return out.values()
 
 
