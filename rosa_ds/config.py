@@ -80,6 +80,11 @@ class ModelConfig:
         kwargs: dict[str, Any] = dict(self.load_kwargs())
         if hasattr(PreTrainedModel, "set_use_kernels"):
             kwargs["use_kernels"] = self.hub_kernels
+        elif self.hub_kernels:
+            raise UserError(
+                "model.hub_kernels=true needs a transformers with hub kernels (5.x); "
+                "upgrade transformers or set model.hub_kernels=false"
+            )
         return kwargs
 
 

@@ -196,3 +196,14 @@ def test_hub_kernels_are_off_unless_asked_for(tiny_model_path):
     model.train()
     assert model.use_kernels is False
     assert load_config("tiny-lora", ["model.hub_kernels=true"]).model.hub_kernels is True
+
+
+def test_hub_kernels_on_a_transformers_without_them_is_one_clear_error(monkeypatch):
+    from transformers import PreTrainedModel
+
+    from rosa_ds.config import ModelConfig
+
+    monkeypatch.delattr(PreTrainedModel, "set_use_kernels", raising=False)
+    assert "use_kernels" not in ModelConfig().pretrained_kwargs()
+    with pytest.raises(UserError, match="model.hub_kernels=true needs"):
+        ModelConfig(hub_kernels=True).pretrained_kwargs()
