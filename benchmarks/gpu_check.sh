@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One CUDA GPU, under 8 minutes: are the Triton kernels right and fast, and what do LoRA, RoSA,
-# ROSA and QLoRA steps cost on SmolLM2-135M in bf16?
+# One CUDA GPU, under 10 minutes (15 with part 5's default limit): are the Triton kernels right
+# and fast, what do LoRA, RoSA, ROSA and QLoRA steps cost on SmolLM2-135M in bf16, and how do
+# they score there?
 #
 #   bash benchmarks/gpu_check.sh            # on a machine with one CUDA GPU
 #   bash benchmarks/gpu_check.sh --dry-run  # anywhere: the same pipeline on the tiny model, CPU
@@ -11,8 +12,9 @@
 # 4. 12 training steps each of LoRA, RoSA, ROSA and QLoRA through `rosa-ds train`: tokens/s,
 #    MFU (H100/H200/A100 peaks from rosa_ds/telemetry.py) and peak memory against the planner;
 # 5. the equal-budget study's small budget (benchmarks/quality.py: LoRA r4, RoSA r2 + 0.58%,
-#    ROSA r4, full fine-tuning, 3 seeds, 256 test problems) in bf16, the settings of the CPU
-#    study's round 3, 4 runs at a time on the one GPU (GPU_CHECK_QUALITY=0 skips it).
+#    ROSA r4, full fine-tuning, 256 test problems) in bf16, the settings of the CPU study's
+#    round 3, 4 runs at a time on the one GPU; GPU_CHECK_QUALITY_SEEDS seeds (1 by default: one
+#    H100 took over 380 s for 3), GPU_CHECK_QUALITY_LIMIT seconds (300), GPU_CHECK_QUALITY=0 skips it.
 # Without a GPU (and without --dry-run) it says so and exits 0. Every part has a time limit; a
 # part that fails is reported as such and the rest still runs. The last line gives the figures
 # as name=value pairs; the logs are kept in $OUT (default: a new temporary folder).
@@ -37,7 +39,7 @@ if [ "$DRY" = 1 ]; then
     SUBSPACE=tiny-subspace LORA=tiny-lora ROBUST=tiny-robust
 else
     "$PY" -c "import torch; print('gpu_check:', torch.cuda.get_device_name(), 'torch', torch.__version__)"
-    MODEL=builtin:smollm2-135m-instruct STEPS=12 PRECISION=bf16 LIMIT=60  # 8 minutes at most in all
+    MODEL=builtin:smollm2-135m-instruct STEPS=12 PRECISION=bf16 LIMIT=60  # parts 1-4: 10 minutes at most
     SUBSPACE=smollm2-subspace LORA=smollm2-lora ROBUST=smollm2-robust
 fi
 FIGURES=()
@@ -107,7 +109,7 @@ if [ "$DRY" = 0 ] && [ "${GPU_CHECK_QUALITY:-1}" = 1 ]; then
     timeout "${GPU_CHECK_QUALITY_LIMIT:-300}" "$PY" benchmarks/quality.py --small-only \
         --only lora-r4 rosa-r2-small subspace-r4 full --steps 64 --batch 4 --mask-warmup 8 \
         --val 64 --test 256 --max-new-tokens 40 --precision bf16 --lrs 2e-3 --full-lrs 1e-4 \
-        --seeds 3 --jobs 4 --out "$OUT/quality" >"$OUT/quality.log" 2>&1
+        --seeds "${GPU_CHECK_QUALITY_SEEDS:-1}" --jobs 4 --out "$OUT/quality" >"$OUT/quality.log" 2>&1
     code=$?
     echo "gpu_check: quality exit $code: $(tail -1 "$OUT/quality.log")"
     FIGURES+=("$(tail -1 "$OUT/quality.log" | tr -s ' ' '\n' | grep '_minus_lora=\|^lora_small=' | tr '\n' ' ')")

@@ -87,7 +87,15 @@ def lora_params(shapes, rank: int) -> int:
 def cells(shapes, args) -> list[Cell]:
     numel = sum(o * i for o, i in shapes)
     lr = args.lrs
-    every = max(1, -(-args.steps // (args.resamples + 1)))  # exactly N resamples before the end
+    every = max(1, -(-args.steps // (args.resamples + 1)))
+    if (args.steps - 1) // every != args.resamples:  # the trainer resamples at k < steps
+        print(
+            f"quality.py: --resamples {args.resamples} does not fit {args.steps} steps evenly "
+            f"(every {every} steps gives {(args.steps - 1) // every}); give fewer resamples or "
+            "more --steps",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     out = []
     for budget, rank in (("small", args.small_rank), ("large", args.large_rank)):
         if budget == "large" and args.small_only:

@@ -37,7 +37,10 @@ def build(kind: str, path: str, rank: int, alpha: float, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    # as a run loads it (hub kernels off): both sides of the comparison the same
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, **ModelConfig(name_or_path=path).pretrained_kwargs()
+    )
     model.config.use_cache = False
     if kind == "rosa-ds":
         inject_adapters(model, AdapterConfig(rank=rank, alpha=alpha, targets=["all-linear"]))
@@ -108,7 +111,8 @@ def gradient_masks(path: str, cfg, tok, args) -> dict:
 
     torch.manual_seed(0)
     device = _device()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    kwargs = cfg.model.pretrained_kwargs()  # as a run loads it (hub kernels off)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).to(device)
     inject_adapters(model, cfg.adapter)
     collector = GradientCollector(model, cfg.adapter)  # reduces on the weights' device
     collector.start()
@@ -192,7 +196,7 @@ def vs_lora(args) -> None:
         own = _without_option(sys.argv[1:], "--nproc")
         cmd = [str(torchrun), f"--nproc_per_node={args.nproc}", __file__, *own]
         os.execve(str(torchrun), cmd, env)
-    args.nproc = int(os.environ["WORLD_SIZE"])
+    args.nproc = int(os.environ.get("WORLD_SIZE", args.nproc))
     import torch.distributed as dist
 
     from rosa_ds.adapters.inject import adapted_modules

@@ -67,3 +67,10 @@ def test_set_overrides_win_over_the_cells_own_keys(quality, monkeypatch, tmp_pat
     cfg = load_config("tiny-lora", overrides)
     assert cfg.adapter.resample_every == 5  # the cell's own value was 22
     assert cfg.adapter.subspace.sampling == "bottom"
+
+
+def test_resamples_that_do_not_fit_the_steps_are_a_clear_error(quality, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _every(quality, _args(steps=64, resamples=20))  # every 4 steps would give 15
+    assert stop.value.code == 2
+    assert "--resamples 20 does not fit 64 steps" in capsys.readouterr().err
