@@ -88,6 +88,11 @@ class ModelConfig:
         return kwargs
 
 
+# The sparse values' peak learning rate relative to train.lr when adapter.robust.sparse_lr is
+# unset: the reference's LLaMA2-7B GSM8K runs (2e-4 / 7e-4).
+SPARSE_LR_RATIO = 2 / 7
+
+
 @dataclass
 class RobustConfig:
     """Robust adaptation (RoSA): how the sparse masks are chosen."""
@@ -126,8 +131,9 @@ class RobustConfig:
     )
     sparse_lr: float | None = _f(
         None,
-        "Peak learning rate of the sparse values, on the same schedule as train.lr (the "
-        "reference's LLaMA2-7B GSM8K runs: 2e-4 against LoRA's 7e-4); unset: train.lr.",
+        "Peak learning rate of the sparse values, on the same schedule as train.lr; unset: "
+        "2/7 of train.lr, the reference's LLaMA2-7B GSM8K ratio (2e-4 against LoRA's 7e-4), "
+        "which beat train.lr itself by 0.08 exact match at every seed in the README's study.",
     )
 
 
@@ -813,7 +819,7 @@ def _check_robust(cfg: RunConfig) -> None:
     _require(r.mask_warmup_steps >= 0, "adapter.robust.mask_warmup_steps must be >= 0")
     _require(
         r.sparse_lr is None or r.sparse_lr > 0,
-        f"adapter.robust.sparse_lr must be > 0 (unset: train.lr), got {r.sparse_lr}; "
+        f"adapter.robust.sparse_lr must be > 0 (unset: 2/7 of train.lr), got {r.sparse_lr}; "
         "e.g. adapter.robust.sparse_lr=2e-4",
     )
     _require(r.mask_grad_steps >= 1, "adapter.robust.mask_grad_steps must be >= 1")

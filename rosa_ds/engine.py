@@ -27,7 +27,7 @@ from rosa_ds.adapters.io import apply_adapter_state
 from rosa_ds.adapters.layer import ROLES
 from rosa_ds.adapters.masks import attach_masks, check_masks
 from rosa_ds.adapters.trained_modules import grow_vocabulary, trained_params
-from rosa_ds.config import RunConfig
+from rosa_ds.config import SPARSE_LR_RATIO, RunConfig
 from rosa_ds.dist import Placement, init_distributed
 from rosa_ds.ds_config import build_ds_config, zero_stage
 from rosa_ds.kernels.csr import SparseStructure
@@ -92,10 +92,11 @@ def param_groups(
 
 
 def group_lrs(cfg: RunConfig) -> dict[str, float]:
-    """The peak learning rate of each role: ``adapter.robust.sparse_lr`` for the sparse values,
-    ``train.lr`` for everything else."""
+    """The peak learning rate of each role: ``adapter.robust.sparse_lr`` for the sparse values
+    (unset: ``SPARSE_LR_RATIO`` of ``train.lr``), ``train.lr`` for everything else."""
     lr = cfg.train.lr
-    return {"lowrank": lr, "sparse": cfg.adapter.robust.sparse_lr or lr, "full": lr, "modules": lr}
+    sparse = cfg.adapter.robust.sparse_lr or lr * SPARSE_LR_RATIO
+    return {"lowrank": lr, "sparse": sparse, "full": lr, "modules": lr}
 
 
 def torch_dtype(precision: str) -> torch.dtype:
