@@ -45,6 +45,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from rosa_ds.config import SPARSE_LR_RATIO  # noqa: E402  (the run's own default ratio)
+
 MODEL = "builtin:smollm2-135m-instruct"
 ALPHA = 16.0  # the official runs' alpha at every rank
 
@@ -84,11 +86,16 @@ def lora_params(shapes, rank: int) -> int:
     return sum(rank * (o + i) for o, i in shapes)
 
 
-def cells(shapes, args) -> list[Cell]:
-    numel = sum(o * i for o, i in shapes)
-    lr = args.lrs
-    every = max(1, -(-args.steps // (args.resamples + 1)))
-    if (args.steps - 1) // every != args.resamples:  # the trainer resamples at k < steps
+def resample_every(args) -> int:
+    """ROSA's interval for ``--resamples`` evenly spaced resamples in ``--steps`` steps."""
+    return max(1, -(-args.steps // (args.resamples + 1)))
+
+
+def check_resamples(args) -> None:
+    """Refuse a ``--resamples`` that the interval cannot give (the trainer resamples at the
+    multiples of it below ``--steps``): one line, exit 2."""
+    every = resample_every(args)
+    if (args.steps - 1) // every != args.resamples:
         print(
             f"quality.py: --resamples {args.resamples} does not fit {args.steps} steps evenly "
             f"(every {every} steps gives {(args.steps - 1) // every}); give fewer resamples or "
@@ -96,6 +103,12 @@ def cells(shapes, args) -> list[Cell]:
             file=sys.stderr,
         )
         sys.exit(2)
+
+
+def cells(shapes, args) -> list[Cell]:
+    numel = sum(o * i for o, i in shapes)
+    lr = args.lrs
+    every = resample_every(args)
     out = []
     for budget, rank in (("small", args.small_rank), ("large", args.large_rank)):
         if budget == "large" and args.small_only:
@@ -363,7 +376,7 @@ def main() -> None:
     ap.add_argument("--small-only", action="store_true", help="skip the large budget")
     ap.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 2e-3])
     ap.add_argument("--full-lrs", type=float, nargs="+", default=[2e-5, 1e-4])
-    ap.add_argument("--sparse-lr-ratio", type=float, default=2 / 7)
+    ap.add_argument("--sparse-lr-ratio", type=float, default=SPARSE_LR_RATIO)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
     ap.add_argument("--only", nargs="*", help="cell names to run (default: all)")
@@ -380,6 +393,8 @@ def main() -> None:
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     plan = [c for c in cells(linear_shapes(), args) if not args.only or c.name in args.only]
+    if any(c.method in ("subspace", "hybrid") for c in plan):  # only ROSA cells resample
+        check_resamples(args)
     n_sweep = sum(len(c.lrs) for c in plan)
     n_runs = n_sweep + len(plan) * (args.seeds - 1)
     print(

@@ -43,7 +43,9 @@ def _every(quality, args) -> int:
 
 @pytest.mark.parametrize(("steps", "resamples"), [(64, 2), (64, 0), (60, 2), (10, 3), (7, 1)])
 def test_resamples_n_gives_n_resamples_before_the_end(quality, steps, resamples):
-    every = _every(quality, _args(steps=steps, resamples=resamples))
+    args = _args(steps=steps, resamples=resamples)
+    quality.check_resamples(args)  # a count that fits is not refused
+    every = _every(quality, args)
     # the trainer resamples after step k when k % every == 0 and k < steps
     assert sum(1 for k in range(1, steps) if k % every == 0) == resamples
 
@@ -71,6 +73,6 @@ def test_set_overrides_win_over_the_cells_own_keys(quality, monkeypatch, tmp_pat
 
 def test_resamples_that_do_not_fit_the_steps_are_a_clear_error(quality, capsys):
     with pytest.raises(SystemExit) as stop:
-        _every(quality, _args(steps=64, resamples=20))  # every 4 steps would give 15
+        quality.check_resamples(_args(steps=64, resamples=20))  # every 4 steps would give 15
     assert stop.value.code == 2
     assert "--resamples 20 does not fit 64 steps" in capsys.readouterr().err
