@@ -1,10 +1,13 @@
 """Sparse-adapter kernels against the dense GEMM of the same shape, on 7B shapes.
 
-SpMM (``x S^T``), SDDMM (value gradient) and sparse-add (``W + S``) at densities 0.15%, 0.6% and
+SpMM (``x S^T``), SDDMM (value gradient), sparse-add (``W + S`` as a new dense tensor, the
+merge under ZeRO-3) and the in-place merge (``W0 + S`` written over ``W`` at the mask and ``W0``
+written back, what one GEMM of a layer holding ``W`` whole costs extra) at densities 0.15%, 0.6% and
 2.4% for 4096x4096, 4096x11008 and 11008x4096 weights and a few token counts, each against the
 dense GEMM ``x W^T`` measured in the same run. On a GPU it times the Triton kernels and
 ``torch.sparse``; on a CPU it times the torch path (torch's CSR kernels), and the Triton figures
-need a GPU. The last line: ``spmm_vs_gemm=X sddmm_vs_gemm=Y add_vs_gemm=Z`` (median ratios).
+need a GPU. The last line: ``spmm_vs_gemm=X sddmm_vs_gemm=Y add_vs_gemm=Z inplace_vs_gemm=W``
+(median ratios).
 
     python benchmarks/sparse_kernels.py
 """
@@ -23,6 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rosa_ds.kernels import torch_sparse  # noqa: E402
 from rosa_ds.kernels.csr import SparseStructure  # noqa: E402
+from rosa_ds.kernels.sparse_linear import merged_in_place  # noqa: E402
+
+
+def merge_and_restore(w: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    with merged_in_place(w, values, positions):
+        pass
 
 
 def timed(fn, repeat: int, sync) -> float:
@@ -57,11 +66,11 @@ def main() -> None:
     print(f"device={device} dtype={dtype} kernels={label} threads={torch.get_num_threads()}")
     if not cuda:
         print("no GPU: these are the CPU path's figures; the Triton kernels need a GPU to time")
-    ratios: dict[str, list[float]] = {"spmm": [], "sddmm": [], "add": []}
+    ratios: dict[str, list[float]] = {"spmm": [], "sddmm": [], "add": [], "inplace": []}
     g = torch.Generator().manual_seed(0)
     print(
         f"{'shape':>11} {'density':>8} {'tokens':>6} {'gemm ms':>9} {'spmm':>7} {'sddmm':>7} "
-        f"{'add':>7}   (sparse time / gemm time)"
+        f"{'add':>7} {'inplace':>7}   (sparse time / gemm time)"
     )
     for shape in args.shapes.split(","):
         out_f, in_f = (int(v) for v in shape.split("x"))
@@ -73,29 +82,25 @@ def main() -> None:
             if cuda:
                 s = s.to(device)
             values = torch.randn(s.nnz, generator=g).to(device, dtype)
+            positions = s.flat_indices()
             for tokens in (int(t) for t in args.tokens.split(",")):
                 x = torch.randn(tokens, in_f, generator=g).to(device, dtype)
                 dy = torch.randn(tokens, out_f, generator=g).to(device, dtype)
                 gemm = timed(lambda x=x, w=w: x @ w.T, args.repeat, sync)
                 t_spmm = timed(lambda x=x, s=s, v=values: ops.spmm(x, v, s), args.repeat, sync)
                 t_sddmm = timed(lambda x=x, dy=dy, s=s: ops.sddmm(dy, x, s), args.repeat, sync)
-                if cuda:
-                    t_add = timed(
-                        lambda s=s, v=values, w=w: ops.sparse_add(w, v, s), args.repeat, sync
-                    )
-                else:
-                    flat_idx = s.flat_indices()
-                    t_add = timed(
-                        lambda f=flat_idx, v=values, w=w: w.flatten().index_add(0, f, v),
-                        args.repeat,
-                        sync,
-                    )
-                r = (t_spmm / gemm, t_sddmm / gemm, t_add / gemm)
+                t_add = timed(lambda s=s, v=values, w=w: ops.sparse_add(w, v, s), args.repeat, sync)
+                t_inplace = timed(
+                    lambda p=positions, v=values, w=w: merge_and_restore(w, v, p),
+                    args.repeat,
+                    sync,
+                )
+                r = (t_spmm / gemm, t_sddmm / gemm, t_add / gemm, t_inplace / gemm)
                 for key, value in zip(ratios, r, strict=True):
                     ratios[key].append(value)
                 print(
                     f"{shape:>11} {density:>8.2%} {tokens:>6} {gemm * 1e3:>9.2f} "
-                    f"{r[0]:>7.3f} {r[1]:>7.3f} {r[2]:>7.3f}",
+                    f"{r[0]:>7.3f} {r[1]:>7.3f} {r[2]:>7.3f} {r[3]:>7.3f}",
                     flush=True,
                 )
     print(" ".join(f"{k}_vs_gemm={statistics.median(v):.3f}" for k, v in ratios.items()))

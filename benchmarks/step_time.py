@@ -11,7 +11,8 @@ LoRA r=32 against RoSA r=16 + 0.6% on 7B shapes, transposed to the benchmark mod
 are chosen as training chooses them, from the frozen weights' squared gradients on generated
 problems (they concentrate in rows and columns, which changes the sparse kernels' speed);
 ``--masks random`` draws them uniformly instead. Rank 0 then times the parts of RoSA's step
-that LoRA does not have (the SDDMM of the values' gradient, the two merges of ``S`` into ``W``)
+that LoRA does not have (the SDDMM of the values' gradient and the share of it that transposes
+its operands, the in-place merges of ``S`` into ``W``)
 on the same shapes, so the last lines say where the extra time goes.
 """
 
@@ -146,9 +147,12 @@ def concentration(masks: dict) -> tuple[float, float]:
 
 
 def sparse_parts_ms(masks: dict, tokens: int, repeats: int = 5) -> dict[str, float]:
-    """Per step, summed over the adapted matrices: the SDDMM and the two merges RoSA adds, and
-    for scale the two frozen GEMMs (forward, input gradient) both methods run."""
+    """Per step, summed over the adapted matrices: the SDDMM and the merges RoSA adds (``S``
+    written into ``W`` and ``W0`` written back, once for the forward GEMM and once for the
+    input gradient's), and for scale the two frozen GEMMs (forward, input gradient) both
+    methods run."""
     from rosa_ds.kernels import torch_sparse
+    from rosa_ds.kernels.sparse_linear import merged_in_place
 
     def median_ms(fn, *args) -> float:
         fn(*args)
@@ -159,13 +163,21 @@ def sparse_parts_ms(masks: dict, tokens: int, repeats: int = 5) -> dict[str, flo
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1000
 
-    total = {"sddmm": 0.0, "merges": 0.0, "frozen_gemms": 0.0}
+    def merge_and_restore(w, values, positions) -> None:
+        with merged_in_place(w, values, positions):
+            pass
+
+    def transposes(dy, x) -> None:  # what the CPU SDDMM copies: both with tokens contiguous
+        dy.T.contiguous(), x.T.contiguous()
+
+    total = {"sddmm": 0.0, "transposes": 0.0, "merges": 0.0, "frozen_gemms": 0.0}
     for s in masks.values():
         out_f, in_f = s.shape
         dy, x = torch.randn(tokens, out_f), torch.randn(tokens, in_f)
         w, values = torch.randn(out_f, in_f), torch.randn(s.nnz)
         total["sddmm"] += median_ms(torch_sparse.sddmm, dy, x, s)
-        total["merges"] += 2 * median_ms(torch_sparse.sparse_add, w, values, s)
+        total["transposes"] += median_ms(transposes, dy, x)
+        total["merges"] += 2 * median_ms(merge_and_restore, w, values, s.flat_indices())
         total["frozen_gemms"] += 2 * median_ms(torch.mm, x, w.T)
     return total
 
@@ -218,7 +230,9 @@ def vs_lora(args) -> None:
         "train.scheduler=constant",
     ]
     lora_cfg = load_config("smollm2-lora", [*base, f"adapter.rank={args.rank}"])
-    rosa_rank = args.rank // 2
+    rosa_rank = args.rank // 2 if args.rosa_rank is None else args.rosa_rank
+    if not 0 <= rosa_rank < args.rank:
+        raise SystemExit(f"--rosa-rank must be in [0, --rank), got {rosa_rank}")
     path = resolve_model_path(lora_cfg.model)
     tok = load_tokenizer(path, lora_cfg.model)
     from transformers import AutoConfig
@@ -293,12 +307,14 @@ def vs_lora(args) -> None:
     extra = (med["rosa"] - med["lora"]) * 1000
     print(
         f"RoSA's extra {extra:.1f} ms per step; timed alone on rank 0, per step: SDDMM "
-        f"{parts['sddmm']:.1f} ms, merges of S into W {parts['merges']:.1f} ms (the frozen "
-        f"GEMMs both methods run: {parts['frozen_gemms']:.1f} ms)"
+        f"{parts['sddmm']:.1f} ms (of which transposing its operands "
+        f"{parts['transposes']:.1f} ms), in-place merges of S into W {parts['merges']:.1f} ms "
+        f"(the frozen GEMMs both methods run: {parts['frozen_gemms']:.1f} ms)"
     )
     print(
         f"rosa_ms={med['rosa'] * 1000:.1f} lora_ms={med['lora'] * 1000:.1f} "
-        f"density={density:.5f} sddmm_ms={parts['sddmm']:.1f} merges_ms={parts['merges']:.1f} "
+        f"density={density:.5f} sddmm_ms={parts['sddmm']:.1f} "
+        f"transposes_ms={parts['transposes']:.1f} merges_ms={parts['merges']:.1f} "
         f"ratio={med['rosa'] / med['lora']:.3f}"
     )
 
@@ -309,6 +325,12 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2, help="ranks for --vs lora")
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument(
+        "--rosa-rank",
+        type=int,
+        help="RoSA's rank for --vs lora (default rank/2); the density fills the rest of the "
+        "budget, so a higher rank means a sparser part (7B-like densities near rank - 2)",
+    )
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)

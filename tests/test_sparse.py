@@ -115,11 +115,39 @@ def test_mask_file_roundtrip_and_garbage(tmp_path):
         load_masks(tmp_path / "bad.safetensors")
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_sparse_add_path_equals_spmm_path(bias):
-    """Merging S into a copy of W (one GEMM) computes what the separate sparse product does."""
+def _as_if_partitioned(layer: AdaptedLinear) -> None:
+    """Mark the base weight as ZeRO-3 partitioned (what ``zero_params.is_partitioned`` reads),
+    so the layer takes the path it takes under ZeRO-3: a merged copy, never an in-place write."""
+    layer.base.weight.ds_id = 0
+
+
+def _run_path(layer: AdaptedLinear, path: str, x0: torch.Tensor) -> list[torch.Tensor]:
+    """Output, input gradient and every adapter gradient of ``sum(y^2)`` on one sparse path:
+    ``spmm``, ``in_place`` (``add`` on a whole weight) or ``copy`` (``add`` under ZeRO-3)."""
     from rosa_ds.kernels import sparse_linear as sl
 
+    had = hasattr(layer.base.weight, "ds_id")
+    if path == "copy":
+        _as_if_partitioned(layer)
+    try:
+        sl.set_path("spmm" if path == "spmm" else "add")
+        assert layer._merge_mode(x0) == {"spmm": None}.get(path, path)
+        layer.zero_grad()
+        x = x0.clone().requires_grad_()
+        y = layer(x)
+        y.float().pow(2).sum().backward()
+        grads = [p.grad.clone() for p in layer.adapter_params().values()]
+        return [y.detach(), x.grad, *grads]
+    finally:
+        sl.set_path("auto")
+        if not had and hasattr(layer.base.weight, "ds_id"):
+            del layer.base.weight.ds_id
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_add_paths_equal_spmm_path(bias):
+    """Merging S into W (in place, or into a copy under ZeRO-3; one GEMM) computes what the
+    separate sparse product does, and the two merges give the same bits."""
     torch.manual_seed(0)
     layer = AdaptedLinear(nn.Linear(17, 33, bias=bias), 4, 8.0)
     layer.attach_mask(SparseStructure.from_dense_mask(_mask(33, 17, 0.2, 7)))
@@ -128,25 +156,41 @@ def test_sparse_add_path_equals_spmm_path(bias):
         layer.lora_B.normal_()
         layer.sparse_values.normal_()
     x0 = torch.randn(2, 5, 17)
-    results = {}
-    try:
-        for path in ("spmm", "add"):
-            sl.set_path(path)
-            layer.zero_grad()
-            x = x0.clone().requires_grad_()
-            y = layer(x)
-            y.pow(2).sum().backward()
-            results[path] = [
-                y.detach(),
-                x.grad,
-                layer.sparse_values.grad.clone(),
-                layer.lora_A.grad.clone(),
-                layer.lora_B.grad.clone(),
-            ]
-    finally:
-        sl.set_path("auto")
-    for a, b in zip(results["spmm"], results["add"], strict=True):
+    results = {path: _run_path(layer, path, x0) for path in ("spmm", "in_place", "copy")}
+    for a, b in zip(results["spmm"], results["in_place"], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+    for a, b in zip(results["copy"], results["in_place"], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_in_place_merge_leaves_the_frozen_weight_as_it_was(dtype):
+    """The in-place merge writes S into W only for the length of each GEMM: after a forward
+    (with a backward to come, or in no_grad), after the backward, after a forward that raised,
+    W holds exactly its own bits; and the result is the copying merge's, bit for bit."""
+    torch.manual_seed(0)
+    layer = AdaptedLinear(nn.Linear(24, 40), 2, 4.0).to(dtype)
+    layer.attach_mask(SparseStructure.from_dense_mask(_mask(40, 24, 0.1, 3)))
+    layer.base.requires_grad_(False)
+    with torch.no_grad():
+        layer.sparse_values.copy_(1e-2 * torch.randn(layer.mask_nnz))
+        layer.lora_B.normal_()
+    w0 = layer.base.weight.detach().clone()
+    x0 = torch.randn(3, 24, dtype=dtype)
+    assert layer._merge_mode(x0) == "in_place"
+    y = layer(x0.clone().requires_grad_())
+    assert torch.equal(layer.base.weight, w0)  # a backward is pending: still W0 in between
+    y.float().sum().backward()
+    assert torch.equal(layer.base.weight, w0)
+    with torch.no_grad():
+        layer(x0)
+    assert torch.equal(layer.base.weight, w0)
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(3, 23, dtype=dtype))  # the GEMM fails inside the merge
+    assert torch.equal(layer.base.weight, w0)
+    in_place, copy = _run_path(layer, "in_place", x0), _run_path(layer, "copy", x0)
+    for a, b in zip(copy, in_place, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("path", ["spmm", "add"])
@@ -164,6 +208,7 @@ def test_the_mask_is_read_again_in_backward_not_kept_from_forward(path):
     assert layer.mask_index.dtype == torch.int32 and not layer.mask_index.requires_grad
     for name, tensor in structure.tensors().items():
         assert torch.equal(getattr(layer.read_mask(), name), tensor), name
+    _as_if_partitioned(layer)  # ZeRO-3's paths: the sparse product, or a merged copy
     reads = []
     real = layer._structure_now
     layer._structure_now = lambda: reads.append(1) or real()

@@ -30,9 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from rosa_ds.kernels.csr import SparseStructure
-from rosa_ds.kernels.sparse_linear import sparse_add_linear, sparse_linear, use_sparse_add
+from rosa_ds.kernels.sparse_linear import (
+    merged_in_place_linear,
+    merges_in_place,
+    sparse_add_linear,
+    sparse_linear,
+    use_sparse_add,
+)
 from rosa_ds.quant.frozen import FrozenWeight, frozen_weight
-from rosa_ds.zero_params import gathered
+from rosa_ds.zero_params import gathered, is_partitioned
 
 # The optimizer group of each trainable tensor: the low-rank factors are reset together at a
 # resample (Adam's step count is per group), the sparse values and full weights keep their state.
@@ -76,6 +82,7 @@ class AdaptedLinear(nn.Module):
         self.mask_index: nn.Parameter | None = None
         self.mask_nnz = 0
         self._shape = (self.out_features, self.in_features)
+        self._positions: torch.Tensor | None = None  # the mask's flat indices, for in-place merges
 
     def reset_adapter(self) -> None:
         """LoRA's initialization: A Kaiming-uniform, B zero, so the update starts at zero."""
@@ -120,6 +127,7 @@ class AdaptedLinear(nn.Module):
         if structure.shape != self._shape:
             raise ValueError(f"mask shape {structure.shape} does not match layer {self._shape}")
         flat, self._mask_lengths = structure.packed()
+        self._positions = None
         self.mask_index = nn.Parameter(flat, requires_grad=False)
         self.mask_nnz = structure.nnz
         self._max_row_nnz = structure.max_row_nnz
@@ -145,27 +153,44 @@ class AdaptedLinear(nn.Module):
         forward and again in backward, so no index array is kept alive in between."""
         return self.structure
 
+    def _flat_positions(self) -> torch.Tensor:
+        """The mask's row-major flat indices on the weight's device, derived once per mask
+        (only for a weight this rank holds whole, so the mask is whole too)."""
+        device = self.base.weight.device
+        if self._positions is None or self._positions.device != device:
+            self._positions = self.structure.flat_indices().to(device)
+        return self._positions
+
     # --- maths -----------------------------------------------------------------------------
-    def _sparse_add(self, x: torch.Tensor) -> bool:
-        """Merge S into the frozen weight for this call? Only for a plain linear base."""
+    def _merge_mode(self, x: torch.Tensor) -> str | None:
+        """How S joins the frozen weight in this call: ``in_place`` (written into a weight this
+        rank holds whole for each GEMM, O(nnz)), ``copy`` (into a merged dense copy: a ZeRO-3
+        weight, gathered for the call) or None (a separate sparse product, or no sparse part)."""
         if not self.reads_frozen_in_forward:
-            return False
+            return None
+        if merges_in_place() and not is_partitioned(self.base.weight):
+            return "in_place"
         tokens = x.numel() // self.in_features
-        return use_sparse_add(self.mask_nnz, self.out_features * self.in_features, tokens)
+        if use_sparse_add(self.mask_nnz, self.out_features * self.in_features, tokens):
+            return "copy"
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        merged = self._sparse_add(x)
-        if merged:
-            out = sparse_add_linear(
-                x, self.base.weight, self.base.bias, self.sparse_values, self._structure_now
+        mode = self._merge_mode(x)
+        base, values = self.base, self.sparse_values
+        if mode == "in_place":
+            out = merged_in_place_linear(
+                x, base.weight, base.bias, values, self._structure_now, self._flat_positions
             )
+        elif mode == "copy":
+            out = sparse_add_linear(x, base.weight, base.bias, values, self._structure_now)
         else:
-            out = self.base(x)
+            out = base(x)
         if self.rank:
             h = self.dropout(x).to(self.lora_A.dtype)
             update = F.linear(F.linear(h, self.lora_A), self.lora_B)
             out = out + (self.scale * update).to(out.dtype)
-        if self.sparse_values is not None and not merged:
+        if self.sparse_values is not None and mode is None:
             out = out + sparse_linear(x, self.sparse_values, self._structure_now).to(out.dtype)
         return out
 

@@ -9,6 +9,7 @@ run config's ``adapter.sparse_kernel``) forces one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Callable
@@ -123,6 +124,80 @@ class SparseAddLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             dv = ops.sddmm(dy, x2d, s).to(values.dtype)
         return dx, None, dbias, dv, None
+
+
+@contextlib.contextmanager
+def merged_in_place(weight: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
+    """``W`` holds ``W + S`` inside the block and its own values again after it, however the
+    block ends: ``S`` is written over ``W`` at the mask's row-major ``positions`` (O(nnz),
+    where a merged copy is O(numel)). The sum is formed in fp32 and rounded once to ``W``'s
+    dtype, as ``sparse_add`` does, so both merges give the same bits."""
+    flat = weight.data.view(-1)
+    with torch.no_grad():
+        saved = flat.index_select(0, positions)
+        flat.index_copy_(0, positions, (saved.float() + values.detach().float()).to(flat.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            flat.index_copy_(0, positions, saved)
+
+
+class MergedInPlaceLinearFunction(torch.autograd.Function):
+    """``x (W + S)^T + b`` with ``S`` merged into ``W`` itself for each GEMM (forward, input
+    gradient) and taken out again at once: no dense copy, and ``W`` holds its own values
+    whenever no GEMM runs. Only for a ``W`` this rank holds whole (not ZeRO-3 partitioned)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, values, source: StructureSource, positions):
+        ctx.source, ctx.weight, ctx.has_bias = source, weight, bias is not None
+        ctx.positions = positions
+        ctx.save_for_backward(x2d, values)
+        with merged_in_place(weight, values, _positions(positions)):
+            return torch.nn.functional.linear(x2d, weight.detach(), bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2d, values = ctx.saved_tensors
+        dx = dbias = dv = None
+        if ctx.needs_input_grad[0]:
+            with merged_in_place(ctx.weight, values, _positions(ctx.positions)):
+                dx = dy @ ctx.weight.detach()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dy.sum(0)
+        if ctx.needs_input_grad[3]:
+            dv = _ops(dy.device).sddmm(dy, x2d, _structure(ctx.source)).to(values.dtype)
+        return dx, None, dbias, dv, None, None
+
+
+PositionsSource = torch.Tensor | Callable[[], torch.Tensor]
+
+
+def _positions(source: PositionsSource) -> torch.Tensor:
+    return source if isinstance(source, torch.Tensor) else source()
+
+
+def merged_in_place_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    values: torch.Tensor,
+    s: StructureSource,
+    positions: PositionsSource,
+) -> torch.Tensor:
+    """``x (W + S)^T + b`` for x of shape (..., in), merging ``S`` into ``W`` in place;
+    ``positions`` gives the mask's row-major flat indices (int64, on ``W``'s device)."""
+    lead = x.shape[:-1]
+    y = MergedInPlaceLinearFunction.apply(
+        x.reshape(-1, x.shape[-1]), weight, bias, values, s, positions
+    )
+    return y.reshape(*lead, weight.shape[0])
+
+
+def merges_in_place() -> bool:
+    """May a layer that holds its frozen weight whole merge ``S`` into it in place? Cheaper
+    than either other path at any token count (O(nnz) per GEMM), so unless ``spmm`` is forced."""
+    return _path != "spmm"
 
 
 def sparse_add_linear(
