@@ -216,8 +216,9 @@ class AdapterConfig:
     )
     sparse_path: Literal["auto", "spmm", "add"] = _f(
         "auto",
-        "How the sparse part runs: spmm (a separate sparse product), add (merge S into a "
-        "dense copy of W, one GEMM; the reference's default) or auto (per call, by cost).",
+        "How the sparse part runs: spmm (a separate sparse product), add (merge S into W "
+        "for one GEMM: in place where the rank holds W whole, into a dense copy under "
+        "ZeRO-3; the reference's default) or auto (in place where it can, else by cost).",
     )
     resample_every: int | None = _f(
         None,
