@@ -1,4 +1,5 @@
-"""``y = x S^T`` with a trainable-valued, fixed-mask sparse ``S``: one autograd function, one
+"""``y = x S^T`` with a trainable-valued, fixed-mask sparse ``S``, alone or merged into the
+frozen ``W`` (in place, or into a dense copy under ZeRO-3): the autograd functions, and one
 dispatch point choosing the backend by device.
 
 Backends: ``triton`` (``triton_sparse``: CUDA tensors, or any tensor under ``TRITON_INTERPRET=1``
@@ -30,8 +31,9 @@ _path = "auto"
 
 def set_path(name: str) -> None:
     """How the sparse part joins the frozen layer: ``spmm`` (a separate sparse product),
-    ``add`` (merge ``S`` into a dense copy of ``W`` and run one GEMM, the reference's default),
-    or ``auto`` (per call, by the cost model of ``use_sparse_add``)."""
+    ``add`` (merge ``S`` into ``W`` and run one GEMM, the reference's default: in place where
+    the layer holds ``W`` whole, else into a dense copy), or ``auto`` (in place where it can,
+    else per call by the cost model of ``use_sparse_add``)."""
     global _path
     if name not in PATHS:
         raise ValueError(f"unknown sparse path {name!r}; choose one of {PATHS}")
@@ -39,8 +41,9 @@ def set_path(name: str) -> None:
 
 
 def use_sparse_add(nnz: int, numel: int, tokens: int) -> bool:
-    """Sparse-add costs two dense merges (forward, input gradient), O(numel) each; SpMM costs
-    two sparse products, O(nnz x tokens) each; the value gradient (SDDMM) is common to both."""
+    """For a ZeRO-3 weight (no in-place merge): sparse-add costs two merged copies (forward,
+    input gradient), O(numel) each; SpMM costs two sparse products, O(nnz x tokens) each; the
+    value gradient (SDDMM) is common to both."""
     if _path != "auto":
         return _path == "add"
     return nnz * tokens > numel
