@@ -39,10 +39,12 @@ The model follows what this trainer allocates (checked against ``rosa_ds/engine.
   the whole of a model under about 5e8 parameters, the last layers and the head of larger
   ones). That residency is an upper bound: measured runs kept 0 to 75% of it, depending on
   whether the trace survived (evaluation passes and tied embeddings break it).
-* **sparse part**: one module's backward at a time rebuilds ``W + S`` (a dense copy) and, on the
+* **sparse part**: one module's backward at a time merges ``S`` into ``W`` (in place at ZeRO
+  0-2: ``W0`` and the sums at the mask; under ZeRO-3 a dense copy of ``W + S``) and, on the
   CPU path, fp32 copies of ``dY`` and ``X`` for the SDDMM; with 4-bit weights one layer's
-  weight is dequantized at a time. The trainer keeps no copy of the masks besides the layers'
-  (checkpoints gather them from the layers one at a time).
+  weight is dequantized at a time. Besides the layers' masks the trainer keeps only, for the
+  in-place merge, each layer's int64 flat positions of its mask (checkpoints gather the masks
+  from the layers one at a time).
 * **mask phase** (RoSA): the warm-up LoRA's training state plus the fp32 gradient-statistic
   accumulator, ``1/N`` of every adapted matrix (reduce-scattered as backward produces it), and
   while a module's hook runs its fp32 ``G``, the statistic and, with N > 1, the padded buffer
@@ -382,6 +384,12 @@ def _shard(numel: int, n: int, stage: int, threshold: int) -> int:
     return math.ceil(numel / n)
 
 
+def _merges_in_place(inp: PlanInputs) -> bool:
+    """Does the sparse part merge into the frozen weight in place (``layer._merge_mode``)? Where
+    the rank holds the weight whole, and it is not 4-bit (those run the separate product)."""
+    return inp.zero_stage < 3 and inp.quant != 4
+
+
 def _csr_entries(o: int, i: int, density: float) -> int:
     """int32 entries of one matrix's mask (``kernels/csr.py``): the CSR, its transpose with the
     permutation, and the non-empty rows of both in order."""
@@ -485,6 +493,8 @@ def _state(inp: PlanInputs, rank: int, density: float) -> dict[str, float]:
     if density:
         for name in inp.targets:
             csr += 4 * _shard(_csr_entries(*shapes[name], density), n, z, thr)
+            if _merges_in_place(inp):  # + the layer's cached int64 flat positions of the mask
+                csr += 8 * round(density * math.prod(shapes[name]))
     trainable += m.layers * csr
     part = math.ceil(p_train / nz)
     # optimizer state
@@ -580,11 +590,14 @@ def plan(inp: PlanInputs) -> Breakdown:
     mats = [shapes[t] for t in inp.targets]
     max_mn = max(o * i for o, i in mats)
     sparse_tmp = 0.0
-    if sparse:  # one module's backward: the merged W + S, fp32 copies of dY and X on the CPU path
+    if sparse:  # one module's backward: the merge (W + S in place: W0 and the sums at the
+        # mask; under ZeRO-3 a merged dense copy), fp32 copies of dY and X on the CPU path
         t = inp.tokens
         cpu = inp.device == "cpu"
+        in_place = _merges_in_place(inp)
         sparse_tmp = max(
-            a * o * i + (4 * t * (o + i) + 16 * round(inp.density * o * i) if cpu else 0)
+            ((2 * a + 4) * round(inp.density * o * i) if in_place else a * o * i)
+            + (4 * t * (o + i) + 16 * round(inp.density * o * i) if cpu else 0)
             for o, i in mats
         )
     quantized = set(LINEARS if inp.quant_all_linear else inp.targets) if inp.quant == 4 else set()
