@@ -7,7 +7,9 @@ Every cell is a real ``rosa-ds train`` run of SmolLM2-135M-Instruct on the gener
 runs at a time. The plan:
 
 1. Sweep: each cell at each learning rate of its grid, seed 0, scored by exact match on the
-   ``validation`` split (``--val`` problems; ties: the lower held-out loss).
+   ``validation`` split (``--val`` problems; ties: the lower held-out loss). Grids: ``--lrs``
+   for LoRA, SpA, RoSA and the hybrid, ``--subspace-lrs`` for ROSA (lower: its factors start
+   carrying part of W), ``--full-lrs`` for full fine-tuning.
 2. Seeds: each cell at its chosen learning rate, ``--seeds`` seeds (seed 0 reused).
 3. Test: every seed's adapter scored with ``rosa-ds eval`` on the ``test`` split (``--test``
    problems), which no choice has seen.
@@ -140,7 +142,7 @@ def cells(shapes, args) -> list[Cell]:
                 "subspace",
                 budget,
                 [f"adapter.rank={rank}", f"adapter.resample_every={every}"],
-                lr,
+                args.subspace_lrs,
             ),
             Cell(
                 f"hybrid-r{half}-{budget}",
@@ -376,6 +378,14 @@ def main() -> None:
     ap.add_argument("--small-only", action="store_true", help="skip the large budget")
     ap.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 2e-3])
     ap.add_argument("--full-lrs", type=float, nargs="+", default=[2e-5, 1e-4])
+    ap.add_argument(
+        "--subspace-lrs",
+        type=float,
+        nargs="+",
+        default=[2.5e-4, 1e-3],
+        help="the ROSA cells' grid: trainable factors that start carrying part of W want lower "
+        "rates than LoRA's (2.5e-4 won at rank 16, 1e-3 beat 2e-3 at rank 4)",
+    )
     ap.add_argument("--sparse-lr-ratio", type=float, default=SPARSE_LR_RATIO)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")

@@ -28,7 +28,8 @@ def quality():
 
 def _args(**kw):
     base = dict(
-        steps=64, resamples=2, lrs=[2e-3], full_lrs=[1e-4], small_rank=4, large_rank=16,
+        steps=64, resamples=2, lrs=[2e-3], full_lrs=[1e-4], subspace_lrs=[1e-3], small_rank=4,
+        large_rank=16,
         small_only=True, sparse_lr_ratio=2 / 7, difficulty=3, num_train=100, max_length=64,
         batch=4, precision="fp32", mask_warmup=8, max_new_tokens=8, val=4, test=4, set=[],
     )  # fmt: skip
@@ -76,3 +77,14 @@ def test_resamples_that_do_not_fit_the_steps_are_a_clear_error(quality, capsys):
         quality.check_resamples(_args(steps=64, resamples=20))  # every 4 steps would give 15
     assert stop.value.code == 2
     assert "--resamples 20 does not fit 64 steps" in capsys.readouterr().err
+
+
+def test_rosa_cells_sweep_their_own_learning_rates(quality):
+    """ROSA's factors start carrying part of W and want lower rates than LoRA's: its cells take
+    ``--subspace-lrs``, every other low-rank or sparse cell ``--lrs``, full fine-tuning
+    ``--full-lrs``."""
+    args = _args(lrs=[2e-3, 5e-3], subspace_lrs=[2.5e-4, 1e-3], full_lrs=[1e-4], small_only=False)
+    grids = {c.name: c.lrs for c in quality.cells([(64, 64)], args)}
+    assert grids["subspace-r4"] == grids["subspace-r16"] == [2.5e-4, 1e-3]
+    assert grids["lora-r4"] == grids["rosa-r2-small"] == grids["hybrid-r8-large"] == [2e-3, 5e-3]
+    assert grids["full"] == [1e-4]

@@ -168,7 +168,8 @@ class AdaptedLinear(nn.Module):
         weight, gathered for the call) or None (a separate sparse product, or no sparse part)."""
         if not self.reads_frozen_in_forward:
             return None
-        if merges_in_place() and not is_partitioned(self.base.weight):
+        weight = self.base.weight
+        if merges_in_place() and not is_partitioned(weight) and weight.is_contiguous():
             return "in_place"
         tokens = x.numel() // self.in_features
         if use_sparse_add(self.mask_nnz, self.out_features * self.in_features, tokens):
