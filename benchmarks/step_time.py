@@ -231,8 +231,6 @@ def vs_lora(args) -> None:
     ]
     lora_cfg = load_config("smollm2-lora", [*base, f"adapter.rank={args.rank}"])
     rosa_rank = args.rank // 2 if args.rosa_rank is None else args.rosa_rank
-    if not 0 <= rosa_rank < args.rank:
-        raise SystemExit(f"--rosa-rank must be in [0, --rank), got {rosa_rank}")
     path = resolve_model_path(lora_cfg.model)
     tok = load_tokenizer(path, lora_cfg.model)
     from transformers import AutoConfig
@@ -341,6 +339,8 @@ def main() -> None:
         "--masks", choices=["gradient", "random"], default="gradient", help="for --vs lora"
     )
     args = ap.parse_args()
+    if args.rosa_rank is not None and not 0 <= args.rosa_rank < args.rank:
+        ap.error(f"--rosa-rank must be in [0, --rank={args.rank}), got {args.rosa_rank}")
     if args.vs == "lora":
         vs_lora(args)
         return

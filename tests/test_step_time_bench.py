@@ -1,0 +1,22 @@
+"""``benchmarks/step_time.py``'s command line: a RoSA split outside the budget is refused
+before anything is launched."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+@pytest.mark.parametrize("rosa_rank", ["16", "-1"])
+def test_a_rosa_rank_outside_the_budget_is_a_one_line_usage_error(rosa_rank):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "step_time.py"), "--vs", "lora"]
+    r = subprocess.run(
+        [*cmd, "--rank", "16", "--rosa-rank", rosa_rank], capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("step_time.py: error: --rosa-rank must")
+    assert "Traceback" not in r.stderr
