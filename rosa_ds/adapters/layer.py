@@ -31,7 +31,6 @@ from torch import nn
 
 from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.kernels.sparse_linear import (
-    merged_in_place_linear,
     merges_in_place,
     sparse_add_linear,
     sparse_linear,
@@ -179,14 +178,13 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self._merge_mode(x)
         base, values = self.base, self.sparse_values
-        if mode == "in_place":
-            out = merged_in_place_linear(
-                x, base.weight, base.bias, values, self._structure_now, self._flat_positions
-            )
-        elif mode == "copy":
-            out = sparse_add_linear(x, base.weight, base.bias, values, self._structure_now)
-        else:
+        if mode is None:
             out = base(x)
+        else:
+            positions = self._flat_positions if mode == "in_place" else None
+            out = sparse_add_linear(
+                x, base.weight, base.bias, values, self._structure_now, positions
+            )
         if self.rank:
             h = self.dropout(x).to(self.lora_A.dtype)
             update = F.linear(F.linear(h, self.lora_A), self.lora_B)

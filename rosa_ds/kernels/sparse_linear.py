@@ -98,37 +98,6 @@ class SparseLinearFunction(torch.autograd.Function):
         return dx, dv, None
 
 
-class SparseAddLinearFunction(torch.autograd.Function):
-    """``x (W + S)^T + b`` with ``W`` frozen: one dense GEMM per direction on a merged copy.
-
-    The merged weight is rebuilt in backward rather than kept, so no second dense weight stays
-    alive between forward and backward (under ZeRO-3 the weight is gathered again for backward).
-    """
-
-    @staticmethod
-    def forward(ctx, x2d, weight, bias, values, source: StructureSource):
-        ops = _ops(x2d.device)
-        merged = ops.sparse_add(weight.detach(), values.detach(), _structure(source))
-        ctx.source, ctx.weight, ctx.has_bias = source, weight, bias is not None
-        ctx.save_for_backward(x2d, values)
-        return torch.nn.functional.linear(x2d, merged, bias)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x2d, values = ctx.saved_tensors
-        s = _structure(ctx.source)
-        ops = _ops(dy.device)
-        dx = dbias = dv = None
-        if ctx.needs_input_grad[0]:
-            merged = ops.sparse_add(ctx.weight.detach(), values.detach(), s)
-            dx = dy @ merged
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = dy.sum(0)
-        if ctx.needs_input_grad[3]:
-            dv = ops.sddmm(dy, x2d, s).to(values.dtype)
-        return dx, None, dbias, dv, None
-
-
 @contextlib.contextmanager
 def merged_in_place(weight: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
     """``W`` holds ``W + S`` inside the block and its own values again after it, however the
@@ -146,55 +115,52 @@ def merged_in_place(weight: torch.Tensor, values: torch.Tensor, positions: torch
             flat.index_copy_(0, positions, saved)
 
 
-class MergedInPlaceLinearFunction(torch.autograd.Function):
-    """``x (W + S)^T + b`` with ``S`` merged into ``W`` itself for each GEMM (forward, input
-    gradient) and taken out again at once: no dense copy, and ``W`` holds its own values
-    whenever no GEMM runs. Only for a ``W`` this rank holds whole (not ZeRO-3 partitioned)."""
+PositionsSource = torch.Tensor | Callable[[], torch.Tensor]
+
+
+@contextlib.contextmanager
+def _merged(weight, values, source: StructureSource, positions: PositionsSource | None):
+    """``W + S`` for one GEMM: ``W`` itself with ``S`` written in (``positions`` given: the mask's
+    flat indices, or a function returning them), else a dense copy from ``sparse_add``."""
+    if positions is None:
+        yield _ops(weight.device).sparse_add(weight.detach(), values.detach(), _structure(source))
+        return
+    if not isinstance(positions, torch.Tensor):
+        positions = positions()
+    with merged_in_place(weight, values, positions):
+        yield weight.detach()
+
+
+class SparseAddLinearFunction(torch.autograd.Function):
+    """``x (W + S)^T + b`` with ``W`` frozen: one dense GEMM per direction on ``W + S``.
+
+    The merge is redone for the input gradient rather than kept: in place (``positions``; only
+    for a ``W`` this rank holds whole) ``W`` holds its own values whenever no GEMM runs; as a
+    copy (ZeRO-3, where the weight is gathered again for backward) no second dense weight stays
+    alive between forward and backward.
+    """
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, values, source: StructureSource, positions):
-        ctx.source, ctx.weight, ctx.has_bias = source, weight, bias is not None
-        ctx.positions = positions
+        ctx.source, ctx.positions, ctx.weight = source, positions, weight
+        ctx.has_bias = bias is not None
         ctx.save_for_backward(x2d, values)
-        with merged_in_place(weight, values, _positions(positions)):
-            return torch.nn.functional.linear(x2d, weight.detach(), bias)
+        with _merged(weight, values, source, positions) as merged:
+            return torch.nn.functional.linear(x2d, merged, bias)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2d, values = ctx.saved_tensors
+        s = _structure(ctx.source)
         dx = dbias = dv = None
         if ctx.needs_input_grad[0]:
-            with merged_in_place(ctx.weight, values, _positions(ctx.positions)):
-                dx = dy @ ctx.weight.detach()
+            with _merged(ctx.weight, values, s, ctx.positions) as merged:
+                dx = dy @ merged
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy.sum(0)
         if ctx.needs_input_grad[3]:
-            dv = _ops(dy.device).sddmm(dy, x2d, _structure(ctx.source)).to(values.dtype)
+            dv = _ops(dy.device).sddmm(dy, x2d, s).to(values.dtype)
         return dx, None, dbias, dv, None, None
-
-
-PositionsSource = torch.Tensor | Callable[[], torch.Tensor]
-
-
-def _positions(source: PositionsSource) -> torch.Tensor:
-    return source if isinstance(source, torch.Tensor) else source()
-
-
-def merged_in_place_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    values: torch.Tensor,
-    s: StructureSource,
-    positions: PositionsSource,
-) -> torch.Tensor:
-    """``x (W + S)^T + b`` for x of shape (..., in), merging ``S`` into ``W`` in place;
-    ``positions`` gives the mask's row-major flat indices (int64, on ``W``'s device)."""
-    lead = x.shape[:-1]
-    y = MergedInPlaceLinearFunction.apply(
-        x.reshape(-1, x.shape[-1]), weight, bias, values, s, positions
-    )
-    return y.reshape(*lead, weight.shape[0])
 
 
 def merges_in_place() -> bool:
@@ -209,10 +175,15 @@ def sparse_add_linear(
     bias: torch.Tensor | None,
     values: torch.Tensor,
     s: StructureSource,
+    positions: PositionsSource | None = None,
 ) -> torch.Tensor:
-    """``x (W + S)^T + b`` for x of shape (..., in); ``W`` must not need a gradient."""
+    """``x (W + S)^T + b`` for x of shape (..., in); ``W`` must not need a gradient. With
+    ``positions`` (the mask's row-major flat indices, int64 on ``W``'s device, or a function
+    returning them) ``S`` is merged into ``W`` in place, else into a dense copy."""
     lead = x.shape[:-1]
-    y = SparseAddLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, values, s)
+    y = SparseAddLinearFunction.apply(
+        x.reshape(-1, x.shape[-1]), weight, bias, values, s, positions
+    )
     return y.reshape(*lead, weight.shape[0])
 
 
