@@ -6,8 +6,10 @@ written back, what one GEMM of a layer holding ``W`` whole costs extra) at densi
 2.4% for 4096x4096, 4096x11008 and 11008x4096 weights and a few token counts, each against the
 dense GEMM ``x W^T`` measured in the same run. On a GPU it times the Triton kernels and
 ``torch.sparse``; on a CPU it times the torch path (torch's CSR kernels), and the Triton figures
-need a GPU. The last line: ``spmm_vs_gemm=X sddmm_vs_gemm=Y add_vs_gemm=Z inplace_vs_gemm=W``
-(median ratios).
+need a GPU; there the SDDMM is the compiled one where it builds (``rosa_ds/kernels/cpu_native.py``),
+and torch's ``sampled_addmm`` is timed beside it. The last line: ``spmm_vs_gemm=X
+sddmm_vs_gemm=Y add_vs_gemm=Z inplace_vs_gemm=W`` (median ratios), on a CPU also
+``sampled_sddmm_vs_gemm=V``.
 
     python benchmarks/sparse_kernels.py
 """
@@ -62,15 +64,22 @@ def main() -> None:
 
         label = "triton"
     else:
-        ops, label = torch_sparse, "torch CSR (CPU)"
+        from rosa_ds.kernels import cpu_native
+
+        sddmm = "compiled SDDMM" if cpu_native.available() else "sampled_addmm SDDMM"
+        ops, label = torch_sparse, f"torch CSR, {sddmm} (CPU)"
     print(f"device={device} dtype={dtype} kernels={label} threads={torch.get_num_threads()}")
     if not cuda:
         print("no GPU: these are the CPU path's figures; the Triton kernels need a GPU to time")
     ratios: dict[str, list[float]] = {"spmm": [], "sddmm": [], "add": [], "inplace": []}
+    if not cuda:
+        ratios["sampled_sddmm"] = []
     g = torch.Generator().manual_seed(0)
     print(
         f"{'shape':>11} {'density':>8} {'tokens':>6} {'gemm ms':>9} {'spmm':>7} {'sddmm':>7} "
-        f"{'add':>7} {'inplace':>7}   (sparse time / gemm time)"
+        f"{'add':>7} {'inplace':>7}"
+        + ("" if cuda else f" {'sampled':>7}")
+        + "   (sparse time / gemm time)"
     )
     for shape in args.shapes.split(","):
         out_f, in_f = (int(v) for v in shape.split("x"))
@@ -95,12 +104,15 @@ def main() -> None:
                     args.repeat,
                     sync,
                 )
-                r = (t_spmm / gemm, t_sddmm / gemm, t_add / gemm, t_inplace / gemm)
+                r = [t_spmm / gemm, t_sddmm / gemm, t_add / gemm, t_inplace / gemm]
+                if not cuda:
+                    sampled = lambda x=x, dy=dy, s=s: torch_sparse.sampled_sddmm(dy, x, s)  # noqa: E731
+                    r.append(timed(sampled, args.repeat, sync) / gemm)
                 for key, value in zip(ratios, r, strict=True):
                     ratios[key].append(value)
                 print(
                     f"{shape:>11} {density:>8.2%} {tokens:>6} {gemm * 1e3:>9.2f} "
-                    f"{r[0]:>7.3f} {r[1]:>7.3f} {r[2]:>7.3f} {r[3]:>7.3f}",
+                    + " ".join(f"{v:>7.3f}" for v in r),
                     flush=True,
                 )
     print(" ".join(f"{k}_vs_gemm={statistics.median(v):.3f}" for k, v in ratios.items()))

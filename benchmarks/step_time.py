@@ -11,8 +11,8 @@ LoRA r=32 against RoSA r=16 + 0.6% on 7B shapes, transposed to the benchmark mod
 are chosen as training chooses them, from the frozen weights' squared gradients on generated
 problems (they concentrate in rows and columns, which changes the sparse kernels' speed);
 ``--masks random`` draws them uniformly instead. Rank 0 then times the parts of RoSA's step
-that LoRA does not have (the SDDMM of the values' gradient and the share of it that transposes
-its operands, the in-place merges of ``S`` into ``W``)
+that LoRA does not have, on the CPU (the SDDMM of the values' gradient, compiled and through
+torch's ``sampled_addmm``, and the in-place merges of ``S`` into ``W``)
 on the same shapes, so the last lines say where the extra time goes.
 """
 
@@ -149,8 +149,9 @@ def concentration(masks: dict) -> tuple[float, float]:
 def sparse_parts_ms(masks: dict, tokens: int, repeats: int = 5) -> dict[str, float]:
     """Per step, summed over the adapted matrices: the SDDMM and the merges RoSA adds (``S``
     written into ``W`` and ``W0`` written back, once for the forward GEMM and once for the
-    input gradient's), and for scale the two frozen GEMMs (forward, input gradient) both
-    methods run."""
+    input gradient's), for comparison the SDDMM through torch's ``sampled_addmm`` (the path
+    without the compiled kernel), and for scale the two frozen GEMMs (forward, input gradient)
+    both methods run."""
     from rosa_ds.kernels import torch_sparse
     from rosa_ds.kernels.sparse_linear import merged_in_place
 
@@ -167,16 +168,13 @@ def sparse_parts_ms(masks: dict, tokens: int, repeats: int = 5) -> dict[str, flo
         with merged_in_place(w, values, positions):
             pass
 
-    def transposes(dy, x) -> None:  # what the CPU SDDMM copies: both with tokens contiguous
-        dy.T.contiguous(), x.T.contiguous()
-
-    total = {"sddmm": 0.0, "transposes": 0.0, "merges": 0.0, "frozen_gemms": 0.0}
+    total = {"sddmm": 0.0, "sampled_addmm": 0.0, "merges": 0.0, "frozen_gemms": 0.0}
     for s in masks.values():
         out_f, in_f = s.shape
         dy, x = torch.randn(tokens, out_f), torch.randn(tokens, in_f)
         w, values = torch.randn(out_f, in_f), torch.randn(s.nnz)
         total["sddmm"] += median_ms(torch_sparse.sddmm, dy, x, s)
-        total["transposes"] += median_ms(transposes, dy, x)
+        total["sampled_addmm"] += median_ms(torch_sparse.sampled_sddmm, dy, x, s)
         total["merges"] += 2 * median_ms(merge_and_restore, w, values, s.flat_indices())
         total["frozen_gemms"] += 2 * median_ms(torch.mm, x, w.T)
     return total
@@ -302,17 +300,20 @@ def vs_lora(args) -> None:
         f"of columns {cols:.0%} (mean over {len(masks)} matrices)"
     )
     parts = sparse_parts_ms(masks, args.batch * args.seq)
+    from rosa_ds.kernels import cpu_native
+
+    sddmm_kind = "compiled kernel" if cpu_native.available() else "sampled_addmm"
     extra = (med["rosa"] - med["lora"]) * 1000
     print(
         f"RoSA's extra {extra:.1f} ms per step; timed alone on rank 0, per step: SDDMM "
-        f"{parts['sddmm']:.1f} ms (of which transposing its operands "
-        f"{parts['transposes']:.1f} ms), in-place merges of S into W {parts['merges']:.1f} ms "
+        f"{parts['sddmm']:.1f} ms ({sddmm_kind}; torch's sampled_addmm "
+        f"{parts['sampled_addmm']:.1f} ms), in-place merges of S into W {parts['merges']:.1f} ms "
         f"(the frozen GEMMs both methods run: {parts['frozen_gemms']:.1f} ms)"
     )
     print(
         f"rosa_ms={med['rosa'] * 1000:.1f} lora_ms={med['lora'] * 1000:.1f} "
         f"density={density:.5f} sddmm_ms={parts['sddmm']:.1f} "
-        f"transposes_ms={parts['transposes']:.1f} merges_ms={parts['merges']:.1f} "
+        f"sampled_addmm_ms={parts['sampled_addmm']:.1f} merges_ms={parts['merges']:.1f} "
         f"ratio={med['rosa'] / med['lora']:.3f}"
     )
 

@@ -30,8 +30,9 @@ from rosa_ds.adapters.trained_modules import grow_vocabulary, trained_params
 from rosa_ds.config import SPARSE_LR_RATIO, RunConfig
 from rosa_ds.dist import Placement, init_distributed
 from rosa_ds.ds_config import build_ds_config, zero_stage
+from rosa_ds.kernels import cpu_native
 from rosa_ds.kernels.csr import SparseStructure
-from rosa_ds.kernels.sparse_linear import set_backend, set_path
+from rosa_ds.kernels.sparse_linear import prepare, set_backend, set_path
 from rosa_ds.model import load_model
 from rosa_ds.schedule import build_scheduler, warmup_steps
 
@@ -120,6 +121,7 @@ def build_engine(
     opts = options or EngineOptions()
     set_backend(cfg.adapter.sparse_kernel)
     set_path(cfg.adapter.sparse_path)
+    cpu_native.choice()  # a bad ROSA_DS_CPU_SDDMM fails here, before any model is loaded
     placement = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.comm_timeout_minutes)
     ds_config = build_ds_config(cfg, placement.world_size, hidden_size)
     if not training and zero_stage(ds_config) in (1, 2):
@@ -137,6 +139,8 @@ def build_engine(
     if opts.masks is not None:
         check_masks(opts.masks, model, cfg.adapter)
         attach_masks(model, opts.masks)
+        if training:
+            prepare(torch.device(get_accelerator().current_device_name()))
         if zero3:
             register_frozen_reads(model)
     if opts.adapter_state is not None:

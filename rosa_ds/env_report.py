@@ -100,13 +100,18 @@ def _cpu_model() -> str:
 def _sparse_path(device: str) -> str:
     import torch
 
+    from rosa_ds.kernels import cpu_native
     from rosa_ds.kernels.sparse_linear import backend_for
 
     backend = backend_for(torch.device(device))
-    return {
-        "triton": "Triton SpMM / SDDMM kernels (rosa_ds/kernels/triton_sparse.py)",
-        "torch": "torch CSR SpMM / SDDMM in fp32 (rosa_ds/kernels/torch_sparse.py)",
-    }[backend]
+    if backend == "triton":
+        return "Triton SpMM / SDDMM kernels (rosa_ds/kernels/triton_sparse.py)"
+    spmm = "torch CSR SpMM in fp32 (rosa_ds/kernels/torch_sparse.py)"
+    if cpu_native.choice() == "torch":
+        return f"{spmm}; SDDMM: torch sampled_addmm ({cpu_native.ENV}=torch)"
+    if cpu_native.compiler() is None:
+        return f"{spmm}; SDDMM: torch sampled_addmm (no C++ compiler for the compiled one)"
+    return f"{spmm}; SDDMM: compiled on first use (rosa_ds/kernels/csrc/sddmm_cpu.cpp)"
 
 
 def format_report(report: dict[str, Any]) -> str:

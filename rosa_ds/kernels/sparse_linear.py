@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from rosa_ds.kernels import torch_sparse
+from rosa_ds.kernels import cpu_native, torch_sparse
 from rosa_ds.kernels.csr import SparseStructure
 
 BACKENDS = ("auto", "torch", "triton")
@@ -65,6 +65,13 @@ def backend_for(device: torch.device) -> str:
     if _backend != "auto":
         return _backend
     return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+def prepare(device: torch.device) -> None:
+    """Build what this device's sparse path compiles (the CPU SDDMM: about 25 s, once per
+    cache) before training starts, so that no rank waits for a compiler inside a step."""
+    if device.type == "cpu" and backend_for(device) == "torch":
+        cpu_native.kernels()
 
 
 def _structure(source: StructureSource) -> SparseStructure:

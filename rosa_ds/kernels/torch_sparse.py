@@ -9,6 +9,7 @@ import warnings
 
 import torch
 
+from rosa_ds.kernels import cpu_native
 from rosa_ds.kernels.csr import SparseStructure
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -32,7 +33,17 @@ def spmm_t(dy: torch.Tensor, values: torch.Tensor, s: SparseStructure) -> torch.
 
 
 def sddmm(dy: torch.Tensor, x: torch.Tensor, s: SparseStructure) -> torch.Tensor:
-    """``(dy^T x)`` sampled at the non-zeros, in CSR order: the gradient of the values."""
+    """``(dy^T x)`` sampled at the non-zeros, in CSR order: the gradient of the values. The
+    compiled kernel where it is built (``cpu_native``), else torch's ``sampled_addmm``."""
+    native = cpu_native.kernels() if dy.device.type == "cpu" else None
+    if native is not None:
+        return native.sddmm(dy.float().contiguous(), x.float().contiguous(), s.row_ptr, s.col_idx)
+    return sampled_sddmm(dy, x, s)
+
+
+def sampled_sddmm(dy: torch.Tensor, x: torch.Tensor, s: SparseStructure) -> torch.Tensor:
+    """``sddmm`` through torch's ``sampled_addmm``, which first copies both operands whole into
+    feature-major layout."""
     zeros = torch.zeros(s.nnz, dtype=torch.float32, device=s.row_ptr.device)
     pattern = _csr(s.row_ptr, s.col_idx, zeros, s.shape)
     out = torch.sparse.sampled_addmm(pattern, dy.float().T.contiguous(), x.float(), beta=0.0)
