@@ -69,6 +69,7 @@ HEAVY_OR_OPTIONAL = {
     "wandb",
     "torch",  # only in the modules the command line loads before it knows the command
     "torch.utils.tensorboard",  # optional: metrics go to JSONL without it
+    "torch.utils.cpp_extension",  # loads setuptools (0.1 s): only where a kernel is built
 }
 # rosa_ds modules that wrap an optional package, imported where they are first needed
 OPTIONAL_MODULES = {"rosa_ds.kernels.triton_sparse"}
