@@ -36,27 +36,33 @@ def _case(tokens: int, out_f: int, in_f: int, density: float, seed: int):
 
 
 # tokens: fewer than one block, several whole blocks, a short last block; features: multiples
-# of the 8x8 tiles and not
+# of the 8x8 tiles and not; bf16 operands are widened exactly, so their fp64 product is the
+# reference
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "tokens,out_f,in_f", [(5, 7, 9), (64, 16, 24), (200, 33, 70), (128, 96, 40), (129, 8, 8)]
 )
-def test_compiled_sddmm_matches_the_dense_reference(tokens, out_f, in_f):
+def test_compiled_sddmm_matches_the_dense_reference(tokens, out_f, in_f, dtype):
     native = cpu_native.kernels()
     assert native is not None
-    dy, x, s, reference = _case(tokens, out_f, in_f, 0.3, tokens + out_f)
+    dy, x, s, _ = _case(tokens, out_f, in_f, 0.3, tokens + out_f)
+    dy, x = dy.to(dtype), x.to(dtype)
+    reference = (dy.double().T @ x.double())[s.to_dense(torch.ones(s.nnz)) != 0]
     got = native.sddmm(dy, x, s.row_ptr, s.col_idx)
     assert got.dtype == torch.float32 and got.shape == (s.nnz,)
     torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(got, torch_sparse.sampled_sddmm(dy, x, s), rtol=1e-5, atol=1e-4)
+    sampled = torch_sparse.sampled_sddmm(dy, x, s).float()
+    torch.testing.assert_close(got, sampled, rtol=1e-5, atol=1e-4)
 
 
 @needs_compiler
-def test_compiled_sddmm_takes_bf16_operands_through_the_cpu_path():
-    dy, x, s, reference = _case(70, 24, 40, 0.2, 3)
-    dy16, x16 = dy.bfloat16(), x.bfloat16()
-    exact = (dy16.double().T @ x16.double())[s.to_dense(torch.ones(s.nnz)) != 0]
-    got = torch_sparse.sddmm(dy16, x16, s)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_path_sddmm_takes_half_precision_operands(dtype):
+    dy, x, s, _ = _case(70, 24, 40, 0.2, 3)
+    dy, x = dy.to(dtype), x.to(dtype)
+    exact = (dy.double().T @ x.double())[s.to_dense(torch.ones(s.nnz)) != 0]
+    got = torch_sparse.sddmm(dy, x, s)  # fp16 goes through an fp32 copy, bf16 straight in
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-4)
 
 
@@ -79,6 +85,8 @@ def test_compiled_sddmm_rejects_wrong_operands():
     dy, x, s, _ = _case(10, 8, 6, 0.5, 1)
     with pytest.raises(RuntimeError, match="share T"):
         native.sddmm(dy, x[:5], s.row_ptr, s.col_idx)
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        native.sddmm(dy, x.bfloat16(), s.row_ptr, s.col_idx)
     with pytest.raises(RuntimeError, match="int32"):
         native.sddmm(dy, x, s.row_ptr.long(), s.col_idx.long())
     with pytest.raises(RuntimeError, match="out \\+ 1"):

@@ -37,7 +37,9 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, s: SparseStructure) -> torch.Tensor
     compiled kernel where it is built (``cpu_native``), else torch's ``sampled_addmm``."""
     native = cpu_native.kernels() if dy.device.type == "cpu" else None
     if native is not None:
-        return native.sddmm(dy.float().contiguous(), x.float().contiguous(), s.row_ptr, s.col_idx)
+        if not (dy.dtype == x.dtype and dy.dtype in (torch.float32, torch.bfloat16)):
+            dy, x = dy.float(), x.float()
+        return native.sddmm(dy.contiguous(), x.contiguous(), s.row_ptr, s.col_idx)
     return sampled_sddmm(dy, x, s)
 
 

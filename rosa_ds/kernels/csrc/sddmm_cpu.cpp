@@ -11,7 +11,7 @@
 
 #include <ATen/Parallel.h>
 
-#ifdef __AVX__
+#ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
@@ -28,13 +28,22 @@ inline float sum8(vec8 s) {
   return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
-#ifdef __AVX__
-// dst[k * kTokens + t] = src[t * ld + k] for an 8 x 8 tile.
-inline void transpose_tile8(const float* src, int64_t ld, float* dst) {
-  __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + ld),
-         r2 = _mm256_loadu_ps(src + 2 * ld), r3 = _mm256_loadu_ps(src + 3 * ld),
-         r4 = _mm256_loadu_ps(src + 4 * ld), r5 = _mm256_loadu_ps(src + 5 * ld),
-         r6 = _mm256_loadu_ps(src + 6 * ld), r7 = _mm256_loadu_ps(src + 7 * ld);
+#ifdef __AVX2__
+inline __m256 load_as_float8(const float* p) { return _mm256_loadu_ps(p); }
+
+// bf16 is the top half of an fp32: widen and shift, exact.
+inline __m256 load_as_float8(const at::BFloat16* p) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+// dst[k * kTokens + t] = src[t * ld + k] for an 8 x 8 tile, in fp32.
+template <typename scalar_t>
+inline void transpose_tile8(const scalar_t* src, int64_t ld, float* dst) {
+  __m256 r0 = load_as_float8(src), r1 = load_as_float8(src + ld),
+         r2 = load_as_float8(src + 2 * ld), r3 = load_as_float8(src + 3 * ld),
+         r4 = load_as_float8(src + 4 * ld), r5 = load_as_float8(src + 5 * ld),
+         r6 = load_as_float8(src + 6 * ld), r7 = load_as_float8(src + 7 * ld);
   __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
          t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
          t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
@@ -58,12 +67,13 @@ inline void transpose_tile8(const float* src, int64_t ld, float* dst) {
 }
 #endif
 
-// dst[k * kTokens + t] = src[t * ld + k] for features k in [begin, end) and t < rows; zero for
-// t >= rows, so a short last block adds nothing.
-void transpose_block(const float* src, int64_t ld, int64_t rows, int64_t begin, int64_t end,
+// dst[k * kTokens + t] = src[t * ld + k] in fp32 for features k in [begin, end) and t < rows;
+// zero for t >= rows, so a short last block adds nothing.
+template <typename scalar_t>
+void transpose_block(const scalar_t* src, int64_t ld, int64_t rows, int64_t begin, int64_t end,
                      float* dst) {
   int64_t k = begin;
-#ifdef __AVX__
+#ifdef __AVX2__
   if (rows == kTokens) {
     for (; k + 8 <= end; k += 8)
       for (int64_t t = 0; t < kTokens; t += 8)
@@ -72,12 +82,13 @@ void transpose_block(const float* src, int64_t ld, int64_t rows, int64_t begin, 
 #endif
   for (; k < end; ++k) {
     float* d = dst + k * kTokens;
-    for (int64_t t = 0; t < rows; ++t) d[t] = src[t * ld + k];
+    for (int64_t t = 0; t < rows; ++t) d[t] = static_cast<float>(src[t * ld + k]);
     for (int64_t t = rows; t < kTokens; ++t) d[t] = 0.f;
   }
 }
 
-void transpose_parallel(const float* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
+template <typename scalar_t>
+void transpose_parallel(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
   const int64_t tiles = (cols + 7) / 8;
   at::parallel_for(0, tiles, 16, [&](int64_t b, int64_t e) {
     transpose_block(src, ld, rows, b * 8, std::min(cols, e * 8), dst);
@@ -120,13 +131,28 @@ void accumulate_rows(const float* a_buf, const float* b_buf, const int32_t* row_
 
 }  // namespace
 
-// dy (T x out) and x (T x in), fp32 and contiguous; row_ptr (out + 1) and col_idx (nnz), int32.
+template <typename scalar_t>
+void sddmm_blocks(const scalar_t* dy, const scalar_t* x, int64_t tokens, int64_t out, int64_t in,
+                  const int32_t* row, const int32_t* col, float* a, float* b, float* v) {
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
+    const int64_t rows = std::min(kTokens, tokens - t0);
+    transpose_parallel(dy + t0 * out, out, rows, out, a);
+    transpose_parallel(x + t0 * in, in, rows, in, b);
+    at::parallel_for(0, out, 32, [&](int64_t begin, int64_t end) {
+      accumulate_rows(a, b, row, col, begin, end, v);
+    });
+  }
+}
+
+// dy (T x out) and x (T x in), both fp32 or both bf16, contiguous; row_ptr (out + 1) and
+// col_idx (nnz), int32. Returns the nnz values in fp32 (bf16 operands are widened exactly).
 torch::Tensor sddmm(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& row_ptr,
                     const torch::Tensor& col_idx) {
   TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0),
               "sddmm: dy (T, out) and x (T, in) must share T");
-  TORCH_CHECK(dy.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat,
-              "sddmm: dy and x must be float32");
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type() &&
+                  (dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kBFloat16),
+              "sddmm: dy and x must be both float32 or both bfloat16");
   TORCH_CHECK(dy.is_contiguous() && x.is_contiguous(), "sddmm: dy and x must be contiguous");
   TORCH_CHECK(row_ptr.scalar_type() == at::kInt && col_idx.scalar_type() == at::kInt,
               "sddmm: row_ptr and col_idx must be int32");
@@ -135,27 +161,24 @@ torch::Tensor sddmm(const torch::Tensor& dy, const torch::Tensor& x, const torch
   const auto rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   const int32_t* row = rp.data_ptr<int32_t>();
   TORCH_CHECK(ci.numel() == row[out], "sddmm: col_idx must have row_ptr[-1] entries");
-  auto values = torch::zeros({ci.numel()}, dy.options());
+  const auto f32 = dy.options().dtype(at::kFloat);
+  auto values = torch::zeros({ci.numel()}, f32);
   if (ci.numel() == 0 || tokens == 0) return values;
-  auto a_buf = torch::empty({out * kTokens}, dy.options());
-  auto b_buf = torch::empty({in * kTokens}, dy.options());
+  auto a_buf = torch::empty({out * kTokens}, f32);
+  auto b_buf = torch::empty({in * kTokens}, f32);
   float* a = a_buf.data_ptr<float>();
   float* b = b_buf.data_ptr<float>();
   float* v = values.data_ptr<float>();
-  const float* dy_p = dy.data_ptr<float>();
-  const float* x_p = x.data_ptr<float>();
   const int32_t* col = ci.data_ptr<int32_t>();
-  for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
-    const int64_t rows = std::min(kTokens, tokens - t0);
-    transpose_parallel(dy_p + t0 * out, out, rows, out, a);
-    transpose_parallel(x_p + t0 * in, in, rows, in, b);
-    at::parallel_for(0, out, 32, [&](int64_t begin, int64_t end) {
-      accumulate_rows(a, b, row, col, begin, end, v);
-    });
+  if (dy.scalar_type() == at::kFloat) {
+    sddmm_blocks(dy.data_ptr<float>(), x.data_ptr<float>(), tokens, out, in, row, col, a, b, v);
+  } else {
+    sddmm_blocks(dy.data_ptr<at::BFloat16>(), x.data_ptr<at::BFloat16>(), tokens, out, in, row,
+                 col, a, b, v);
   }
   return values;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sddmm", &sddmm, "SDDMM of token-major operands at a CSR mask (fp32)");
+  m.def("sddmm", &sddmm, "SDDMM of token-major operands at a CSR mask (fp32 or bf16 in, fp32 out)");
 }
