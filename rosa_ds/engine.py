@@ -121,7 +121,7 @@ def build_engine(
     opts = options or EngineOptions()
     set_backend(cfg.adapter.sparse_kernel)
     set_path(cfg.adapter.sparse_path)
-    cpu_native.choice()  # a bad ROSA_DS_CPU_SDDMM fails here, before any model is loaded
+    cpu_native.choice()  # a bad ROSA_DS_CPU_KERNELS fails here, before any model is loaded
     placement = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.comm_timeout_minutes)
     ds_config = build_ds_config(cfg, placement.world_size, hidden_size)
     if not training and zero_stage(ds_config) in (1, 2):

@@ -108,10 +108,10 @@ def _sparse_path(device: str) -> str:
         return "Triton SpMM / SDDMM kernels (rosa_ds/kernels/triton_sparse.py)"
     spmm = "torch CSR SpMM in fp32 (rosa_ds/kernels/torch_sparse.py)"
     if cpu_native.choice() == "torch":
-        return f"{spmm}; SDDMM: torch sampled_addmm ({cpu_native.ENV}=torch)"
+        return f"{spmm}; SDDMM and merges: torch's ops ({cpu_native.ENV}=torch)"
     if cpu_native.compiler() is None:
-        return f"{spmm}; SDDMM: torch sampled_addmm (no C++ compiler for the compiled one)"
-    return f"{spmm}; SDDMM: compiled on first use (rosa_ds/kernels/csrc/sddmm_cpu.cpp)"
+        return f"{spmm}; SDDMM and merges: torch's ops (no C++ compiler for the compiled ones)"
+    return f"{spmm}; SDDMM and merges: compiled on first use (rosa_ds/kernels/csrc/sparse_cpu.cpp)"
 
 
 def format_report(report: dict[str, Any]) -> str:

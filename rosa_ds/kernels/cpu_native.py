@@ -1,11 +1,14 @@
-"""The compiled CPU SDDMM (``csrc/sddmm_cpu.cpp``): built on first use with torch's extension
-builder, cached, and optional.
+"""The compiled CPU sparse kernels (``csrc/sparse_cpu.cpp``): the SDDMM of the value gradient and
+the in-place merge of ``S`` into ``W``, built on first use with torch's extension builder,
+cached, and optional.
 
 torch's ``sampled_addmm`` copies both token-major operands whole into feature-major layout before
-its dot products, and at RoSA's densities that copy costs more than the products. The compiled
-kernel transposes blocks of tokens that stay in cache instead (``benchmarks/sparse_kernels.py``,
-``benchmarks/step_time.py``). Without a C++ compiler, or with ``ROSA_DS_CPU_SDDMM=torch``, the
-CPU path keeps ``sampled_addmm``: same values to rounding, only slower.
+its dot products, and at RoSA's densities that copy costs more than the products; the compiled
+SDDMM transposes blocks of tokens that stay in cache instead. The merge does in one pass over the
+mask what ``index_select`` and ``index_copy_`` do in three (``benchmarks/sparse_kernels.py``,
+``benchmarks/step_time.py``). Without a C++ compiler, or with ``ROSA_DS_CPU_KERNELS=torch``, the
+CPU path keeps torch's ops: the same values (the merge bit for bit, the SDDMM to fp32
+rounding), only slower.
 
 The build (about 25 s, once) goes to ``TORCH_EXTENSIONS_DIR`` like DeepSpeed's own CPU ops; ranks
 building at once wait on torch's lock. Its name carries the instruction set it was compiled for,
@@ -25,14 +28,14 @@ import torch
 
 from rosa_ds.errors import UserError
 
-SOURCE = Path(__file__).with_name("csrc") / "sddmm_cpu.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "sparse_cpu.cpp"
 CHOICES = ("auto", "native", "torch")
-ENV = "ROSA_DS_CPU_SDDMM"
+ENV = "ROSA_DS_CPU_KERNELS"
 
 
 def choice() -> str:
-    """``ROSA_DS_CPU_SDDMM``: ``auto`` (the compiled kernel where it builds, else torch's),
-    ``native`` (the compiled kernel or an error) or ``torch`` (``sampled_addmm``)."""
+    """``ROSA_DS_CPU_KERNELS``: ``auto`` (the compiled kernels where they build, else torch's
+    ops), ``native`` (the compiled kernels or an error) or ``torch`` (torch's ops)."""
     value = os.environ.get(ENV, "auto")
     if value not in CHOICES:
         raise UserError(f"{ENV}={value!r} is not one of {', '.join(CHOICES)}; unset it or pick one")
@@ -46,7 +49,7 @@ def compiler() -> str | None:
 
 def _isa_flags() -> tuple[str, list[str]]:
     """The instruction set to compile for: AVX2 + FMA where torch's own kernels use at least
-    that (the 8x8 transposes and 8-wide dot products), else the compiler's baseline."""
+    that (the SDDMM's 8x8 transposes and 8-wide dot products), else the compiler's baseline."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith(("AVX2", "AVX512")):
         return "avx2", ["-mavx2", "-mfma"]
@@ -55,8 +58,8 @@ def _isa_flags() -> tuple[str, list[str]]:
 
 @functools.cache
 def kernels() -> ModuleType | None:
-    """The compiled module, or None where the CPU path keeps ``sampled_addmm`` (chosen, or the
-    build failed: then one warning says why)."""
+    """The compiled module, or None where the CPU path keeps torch's ops (chosen, or the build
+    failed: then one warning says why)."""
     wanted = choice()
     if wanted == "torch":
         return None
@@ -67,7 +70,7 @@ def kernels() -> ModuleType | None:
 
         isa, flags = _isa_flags()
         return load(
-            name=f"rosa_ds_sddmm_cpu_{isa}",
+            name=f"rosa_ds_sparse_cpu_{isa}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp", *flags],
             extra_ldflags=["-fopenmp"],
@@ -76,11 +79,11 @@ def kernels() -> ModuleType | None:
     except Exception as exc:  # any build or load failure: the torch path still works
         if wanted == "native":
             raise RuntimeError(
-                f"{ENV}=native but the CPU SDDMM did not build: {_first_line(exc)}"
+                f"{ENV}=native but the CPU kernels did not build: {_first_line(exc)}"
             ) from exc
         warnings.warn(
-            f"rosa-ds: the compiled CPU SDDMM did not build ({_first_line(exc)}); "
-            "using torch's sampled_addmm (same values, slower)",
+            f"rosa-ds: the compiled CPU kernels did not build ({_first_line(exc)}); "
+            "using torch's sampled_addmm and index ops (same values, slower)",
             stacklevel=2,
         )
         return None

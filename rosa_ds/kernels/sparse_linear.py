@@ -68,7 +68,7 @@ def backend_for(device: torch.device) -> str:
 
 
 def prepare(device: torch.device) -> None:
-    """Build what this device's sparse path compiles (the CPU SDDMM: about 25 s, once per
+    """Build what this device's sparse path compiles (the CPU kernels: about 25 s, once per
     cache) before training starts, so that no rank waits for a compiler inside a step."""
     if device.type == "cpu" and backend_for(device) == "torch":
         cpu_native.kernels()
@@ -112,14 +112,22 @@ def merged_in_place(weight: torch.Tensor, values: torch.Tensor, positions: torch
     where a merged copy is O(numel)). The sum is formed in fp32 and rounded once to ``W``'s
     dtype, as ``sparse_add`` does, so both merges give the same bits."""
     flat = weight.data.view(-1)
+    native = cpu_native.kernels() if flat.device.type == "cpu" else None
     with torch.no_grad():
-        saved = flat.index_select(0, positions)
-        flat.index_copy_(0, positions, (saved.float() + values.detach().float()).to(flat.dtype))
+        if native is not None:  # the same bits in one pass over the mask
+            saved = native.merge_in_place(flat, values.detach().float().contiguous(), positions)
+        else:
+            saved = flat.index_select(0, positions)
+            merged = saved.float() + values.detach().float()
+            flat.index_copy_(0, positions, merged.to(flat.dtype))
     try:
         yield
     finally:
         with torch.no_grad():
-            flat.index_copy_(0, positions, saved)
+            if native is not None:
+                native.restore(flat, saved, positions)
+            else:
+                flat.index_copy_(0, positions, saved)
 
 
 PositionsSource = torch.Tensor | Callable[[], torch.Tensor]

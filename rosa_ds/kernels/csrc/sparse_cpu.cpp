@@ -1,6 +1,7 @@
-// SDDMM on the CPU without materialised transposes: v[k] = sum_t dy[t, row(k)] * x[t, col(k)].
+// The CPU sparse kernels: the SDDMM of the value gradient and the in-place merge of S into W.
 //
-// The value gradient of the sparse adapter. Both operands arrive token-major (T x out, T x in),
+// SDDMM without materialised transposes: v[k] = sum_t dy[t, row(k)] * x[t, col(k)], the value
+// gradient of the sparse adapter. Both operands arrive token-major (T x out, T x in),
 // while each non-zero needs a dot product over tokens. torch's sampled_addmm first copies both
 // operands whole into feature-major layout; that copy (density-independent) costs more than the
 // dot products at RoSA's densities. Here the tokens are taken in blocks of kTokens: each block of
@@ -179,6 +180,55 @@ torch::Tensor sddmm(const torch::Tensor& dy, const torch::Tensor& x, const torch
   return values;
 }
 
+
+// S merged into W in place for one GEMM: saved[k] = W[p[k]], then W[p[k]] = W0 + S summed in
+// fp32 and rounded once to W's dtype (as torch's index_select / index_copy_ path does), in one
+// pass over the mask. Returns the saved W0 values for restore().
+torch::Tensor merge_in_place(torch::Tensor& weight, const torch::Tensor& values,
+                             const torch::Tensor& positions) {
+  TORCH_CHECK(weight.is_contiguous(), "merge_in_place: weight must be contiguous");
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(),
+              "merge_in_place: values must be contiguous float32");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(),
+              "merge_in_place: positions must be contiguous int64");
+  TORCH_CHECK(values.numel() == positions.numel(), "merge_in_place: one value per position");
+  auto saved = torch::empty({positions.numel()}, weight.options());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* v = values.data_ptr<float>();
+  const int64_t n = positions.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "merge", [&] {
+    scalar_t* w = weight.data_ptr<scalar_t>();
+    scalar_t* out = saved.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const scalar_t w0 = w[pos[k]];
+        out[k] = w0;
+        w[pos[k]] = static_cast<scalar_t>(static_cast<float>(w0) + v[k]);
+      }
+    });
+  });
+  return saved;
+}
+
+// W[p[k]] = saved[k]: W0 back after the GEMM.
+void restore(torch::Tensor& weight, const torch::Tensor& saved, const torch::Tensor& positions) {
+  TORCH_CHECK(weight.is_contiguous() && saved.scalar_type() == weight.scalar_type(),
+              "restore: weight must be contiguous and saved of its dtype");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && saved.numel() == positions.numel(),
+              "restore: one saved value per int64 position");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t n = positions.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "restore", [&] {
+    scalar_t* w = weight.data_ptr<scalar_t>();
+    const scalar_t* in = saved.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) w[pos[k]] = in[k];
+    });
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sddmm", &sddmm, "SDDMM of token-major operands at a CSR mask (fp32 or bf16 in, fp32 out)");
+  m.def("merge_in_place", &merge_in_place, "W[p] += S in place, returning the old W[p]");
+  m.def("restore", &restore, "W[p] = saved");
 }

@@ -1,5 +1,6 @@
-"""The compiled CPU SDDMM (rosa_ds/kernels/csrc/sddmm_cpu.cpp) against the fp64 dense reference
-and torch's sampled_addmm, its choice switch and its fallback."""
+"""The compiled CPU kernels (rosa_ds/kernels/csrc/sparse_cpu.cpp): the SDDMM against the fp64
+dense reference and torch's sampled_addmm, the in-place merge against torch's index ops bit for
+bit, the choice switch and the fallback."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import torch
 from rosa_ds.errors import UserError
 from rosa_ds.kernels import cpu_native, torch_sparse
 from rosa_ds.kernels.csr import SparseStructure
+from rosa_ds.kernels.sparse_linear import merged_in_place
 
 needs_compiler = pytest.mark.skipif(
-    cpu_native.compiler() is None, reason="no C++ compiler: the CPU SDDMM cannot be built here"
+    cpu_native.compiler() is None, reason="no C++ compiler: the CPU kernels cannot be built here"
 )
 
 
@@ -106,7 +108,7 @@ def test_torch_choice_keeps_sampled_addmm(fresh_choice):
 
 def test_failed_build_falls_back_with_one_warning_or_fails_when_required(fresh_choice):
     fresh_choice.setenv("CXX", "no-such-compiler-rosa-ds")
-    with pytest.warns(UserWarning, match="no C\\+\\+ compiler.*sampled_addmm"):
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler.*sampled_addmm and index ops"):
         assert cpu_native.kernels() is None
     dy, x, s, reference = _case(20, 9, 11, 0.3, 4)
     torch.testing.assert_close(
@@ -115,7 +117,7 @@ def test_failed_build_falls_back_with_one_warning_or_fails_when_required(fresh_c
     cpu_native.kernels.cache_clear()
     fresh_choice.setenv(cpu_native.ENV, "native")
     with pytest.raises(
-        RuntimeError, match="ROSA_DS_CPU_SDDMM=native but the CPU SDDMM did not build"
+        RuntimeError, match="ROSA_DS_CPU_KERNELS=native but the CPU kernels did not build"
     ):
         cpu_native.kernels()
 
@@ -123,6 +125,61 @@ def test_failed_build_falls_back_with_one_warning_or_fails_when_required(fresh_c
 def test_bad_choice_is_a_user_error(fresh_choice):
     fresh_choice.setenv(cpu_native.ENV, "fast")
     with pytest.raises(
-        UserError, match="ROSA_DS_CPU_SDDMM='fast' is not one of auto, native, torch"
+        UserError, match="ROSA_DS_CPU_KERNELS='fast' is not one of auto, native, torch"
     ):
         cpu_native.kernels()
+
+
+def _merge_case(dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(37, 53, generator=g).to(dtype)
+    positions = torch.randperm(w.numel(), generator=g)[:300].sort().values
+    values = torch.randn(300, generator=g) * 1e-2  # sums that round on the bf16/fp16 grid
+    return w, values, positions
+
+
+def _merged_under(choice: str, monkeypatch, w, values, positions):
+    """``W + S`` as ``merged_in_place`` forms it with ``ROSA_DS_CPU_KERNELS=choice``, and ``W``
+    after the block."""
+    monkeypatch.setenv(cpu_native.ENV, choice)
+    cpu_native.kernels.cache_clear()
+    w = w.clone()
+    with merged_in_place(w, values, positions):
+        inside = w.clone()
+    return inside, w
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_merge_gives_torch_merges_bits_and_restores_w(dtype, fresh_choice):
+    w, values, positions = _merge_case(dtype, 5)
+    native_inside, native_after = _merged_under("native", fresh_choice, w, values, positions)
+    torch_inside, torch_after = _merged_under("torch", fresh_choice, w, values, positions)
+    assert torch.equal(native_inside, torch_inside)
+    assert torch.equal(native_after, w) and torch.equal(torch_after, w)
+    assert not torch.equal(native_inside, w)  # the merge did change W inside the block
+
+
+@needs_compiler
+def test_compiled_merge_restores_w_when_the_block_raises(fresh_choice):
+    fresh_choice.setenv(cpu_native.ENV, "native")
+    w, values, positions = _merge_case(torch.bfloat16, 6)
+    before = w.clone()
+    with pytest.raises(ValueError, match="inside"), merged_in_place(w, values, positions):
+        raise ValueError("inside")
+    assert torch.equal(w, before)
+
+
+@needs_compiler
+def test_compiled_merge_rejects_wrong_operands():
+    native = cpu_native.kernels()
+    w, values, positions = _merge_case(torch.float32, 7)
+    flat = w.view(-1)
+    with pytest.raises(RuntimeError, match="int64"):
+        native.merge_in_place(flat, values, positions.int())
+    with pytest.raises(RuntimeError, match="float32"):
+        native.merge_in_place(flat, values.double(), positions)
+    with pytest.raises(RuntimeError, match="one value per position"):
+        native.merge_in_place(flat, values[:5], positions)
+    with pytest.raises(RuntimeError, match="its dtype"):
+        native.restore(flat, values.bfloat16(), positions)
