@@ -139,8 +139,7 @@ def build_engine(
     if opts.masks is not None:
         check_masks(opts.masks, model, cfg.adapter)
         attach_masks(model, opts.masks)
-        if training:
-            prepare(torch.device(get_accelerator().current_device_name()))
+        prepare(torch.device(get_accelerator().current_device_name()))  # evaluation merges too
         if zero3:
             register_frozen_reads(model)
     if opts.adapter_state is not None:
