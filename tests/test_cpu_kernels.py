@@ -183,3 +183,12 @@ def test_compiled_merge_rejects_wrong_operands():
         native.merge_in_place(flat, values[:5], positions)
     with pytest.raises(RuntimeError, match="its dtype"):
         native.restore(flat, values.bfloat16(), positions)
+    before = w.clone()
+    outside = positions.clone()
+    outside[-1] = w.numel()  # one past the end: raises before anything is written
+    with pytest.raises(RuntimeError, match="position 1961 is outside the weight"):
+        native.merge_in_place(flat, values, outside)
+    assert torch.equal(w, before)
+    with pytest.raises(RuntimeError, match="outside the weight"):
+        native.restore(flat, values, -1 - positions)
+    assert torch.equal(w, before)

@@ -69,7 +69,8 @@ def backend_for(device: torch.device) -> str:
 
 def prepare(device: torch.device) -> None:
     """Build what this device's sparse path compiles (the CPU kernels: about 25 s, once per
-    cache) before training starts, so that no rank waits for a compiler inside a step."""
+    cache) when the engine is built, so that no rank waits for a compiler inside a training
+    step or an evaluation pass."""
     if device.type == "cpu" and backend_for(device) == "torch":
         cpu_native.kernels()
 

@@ -130,8 +130,6 @@ void accumulate_rows(const float* a_buf, const float* b_buf, const int32_t* row_
   }
 }
 
-}  // namespace
-
 template <typename scalar_t>
 void sddmm_blocks(const scalar_t* dy, const scalar_t* x, int64_t tokens, int64_t out, int64_t in,
                   const int32_t* row, const int32_t* col, float* a, float* b, float* v) {
@@ -144,6 +142,17 @@ void sddmm_blocks(const scalar_t* dy, const scalar_t* x, int64_t tokens, int64_t
     });
   }
 }
+
+// Every position inside W, checked before anything is written (torch's index_copy_ checks too),
+// so a bad position raises with W untouched instead of writing past it.
+void check_positions(const torch::Tensor& positions, int64_t numel, const char* op) {
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t k = 0; k < positions.numel(); ++k)
+    TORCH_CHECK(pos[k] >= 0 && pos[k] < numel, op, ": position ", pos[k],
+                " is outside the weight (", numel, " entries)");
+}
+
+}  // namespace
 
 // dy (T x out) and x (T x in), both fp32 or both bf16, contiguous; row_ptr (out + 1) and
 // col_idx (nnz), int32. Returns the nnz values in fp32 (bf16 operands are widened exactly).
@@ -180,7 +189,6 @@ torch::Tensor sddmm(const torch::Tensor& dy, const torch::Tensor& x, const torch
   return values;
 }
 
-
 // S merged into W in place for one GEMM: saved[k] = W[p[k]], then W[p[k]] = W0 + S summed in
 // fp32 and rounded once to W's dtype (as torch's index_select / index_copy_ path does), in one
 // pass over the mask. Returns the saved W0 values for restore().
@@ -192,6 +200,7 @@ torch::Tensor merge_in_place(torch::Tensor& weight, const torch::Tensor& values,
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(),
               "merge_in_place: positions must be contiguous int64");
   TORCH_CHECK(values.numel() == positions.numel(), "merge_in_place: one value per position");
+  check_positions(positions, weight.numel(), "merge_in_place");
   auto saved = torch::empty({positions.numel()}, weight.options());
   const int64_t* pos = positions.data_ptr<int64_t>();
   const float* v = values.data_ptr<float>();
@@ -216,6 +225,7 @@ void restore(torch::Tensor& weight, const torch::Tensor& saved, const torch::Ten
               "restore: weight must be contiguous and saved of its dtype");
   TORCH_CHECK(positions.scalar_type() == at::kLong && saved.numel() == positions.numel(),
               "restore: one saved value per int64 position");
+  check_positions(positions, weight.numel(), "restore");
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t n = positions.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "restore", [&] {
