@@ -29,7 +29,7 @@ def _case(tokens: int, out_f: int, in_f: int, density: float, seed: int):
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(out_f, in_f, generator=g) < density
     mask[0] = False  # an empty row
-    mask[-1] = True  # a full row (more than four non-zeros, and a remainder of fewer)
+    mask[-1] = True  # a full row (passes of eight non-zeros, then of four and of one)
     s = SparseStructure.from_dense_mask(mask)
     dy = torch.randn(tokens, out_f, generator=g)
     x = torch.randn(tokens, in_f, generator=g)

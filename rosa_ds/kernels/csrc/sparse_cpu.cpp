@@ -6,8 +6,9 @@
 // operands whole into feature-major layout; that copy (density-independent) costs more than the
 // dot products at RoSA's densities. Here the tokens are taken in blocks of kTokens: each block of
 // both operands is transposed into a buffer that stays in L2 (8x8 AVX tiles where available), and
-// the dot products of the block are accumulated from there, four non-zeros of a row at a time so
-// the row's block is loaded once for four columns.
+// the dot products of the block are accumulated from there, eight non-zeros of a row at a time
+// (four, then one, for a row's remainder) so the row's block is loaded once for eight columns and
+// the eight sums are reduced together.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -96,13 +97,51 @@ void transpose_parallel(const scalar_t* src, int64_t ld, int64_t rows, int64_t c
   });
 }
 
-// v[k] += dot(a_buf row i, b_buf row col[k]) for the non-zeros of rows [begin, end).
+#ifdef __AVX2__
+// The eight lane sums of s0..s7 as one vector: {sum(s0), ..., sum(s7)}. Three rounds of
+// horizontal adds reduce eight accumulators together, where a lane-by-lane sum per non-zero
+// cost more than its dot product.
+inline __m256 sum8x8(__m256 s0, __m256 s1, __m256 s2, __m256 s3, __m256 s4, __m256 s5,
+                     __m256 s6, __m256 s7) {
+  const __m256 h01 = _mm256_hadd_ps(s0, s1), h23 = _mm256_hadd_ps(s2, s3);
+  const __m256 h45 = _mm256_hadd_ps(s4, s5), h67 = _mm256_hadd_ps(s6, s7);
+  const __m256 q0 = _mm256_hadd_ps(h01, h23), q1 = _mm256_hadd_ps(h45, h67);
+  // q0 = {s0 s1 s2 s3 | s0 s1 s2 s3} halves (low lane, high lane), q1 likewise for s4..s7
+  const __m256 lo = _mm256_permute2f128_ps(q0, q1, 0x20);
+  const __m256 hi = _mm256_permute2f128_ps(q0, q1, 0x31);
+  return _mm256_add_ps(lo, hi);
+}
+#endif
+
+// v[k] += dot(a_buf row i, b_buf row col[k]) for the non-zeros of rows [begin, end): eight
+// non-zeros of a row per pass (the row's block loaded once for eight columns), reduced together.
 void accumulate_rows(const float* a_buf, const float* b_buf, const int32_t* row_ptr,
                      const int32_t* col, int64_t begin, int64_t end, float* v) {
   for (int64_t i = begin; i < end; ++i) {
     const float* a = a_buf + i * kTokens;
     int64_t k = row_ptr[i];
     const int64_t k_end = row_ptr[i + 1];
+#ifdef __AVX2__
+    for (; k + 8 <= k_end; k += 8) {
+      const float* b[8];
+      for (int j = 0; j < 8; ++j) b[j] = b_buf + int64_t(col[k + j]) * kTokens;
+      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0,
+             s7 = s0;
+      for (int64_t t = 0; t < kTokens; t += 8) {
+        const __m256 av = _mm256_loadu_ps(a + t);
+        s0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b[0] + t), s0);
+        s1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b[1] + t), s1);
+        s2 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b[2] + t), s2);
+        s3 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b[3] + t), s3);
+        s4 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b[4] + t), s4);
+        s5 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b[5] + t), s5);
+        s6 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b[6] + t), s6);
+        s7 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b[7] + t), s7);
+      }
+      const __m256 sums = sum8x8(s0, s1, s2, s3, s4, s5, s6, s7);
+      _mm256_storeu_ps(v + k, _mm256_add_ps(_mm256_loadu_ps(v + k), sums));
+    }
+#endif
     for (; k + 4 <= k_end; k += 4) {
       const float* b0 = b_buf + int64_t(col[k]) * kTokens;
       const float* b1 = b_buf + int64_t(col[k + 1]) * kTokens;
