@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from rosa_ds.adapters.masks import save_masks
+from rosa_ds.atomic import write_text_atomic
 from rosa_ds.dist import barrier, rank_world
 from rosa_ds.faults import exit_if
 from rosa_ds.reshard import load_elastic
@@ -97,12 +98,6 @@ def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():  # dropout on the GPU draws from the CUDA generators
@@ -165,7 +160,7 @@ def save_checkpoint(
         os.replace(tmp, final)
         shutil.rmtree(aside, ignore_errors=True)
         _fault("rename", step)
-        _write_atomic(root / LATEST, final.name)
+        write_text_atomic(root / LATEST, final.name)
         _prune(root, keep)
     barrier()
     return final

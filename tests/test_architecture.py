@@ -40,6 +40,7 @@ LAYERS = {
         "errors",
         "targets",
         "weight_files",
+        "atomic",
         "schedule",
         "precision",
         "numerics",
@@ -204,11 +205,12 @@ def test_the_command_line_does_not_import_torch_before_it_knows_the_command():
         "def _safetensors_files",
         "def base_weight",
         "def quantized_modules",
+        "def _write_atomic",
     ],
 )
 def test_duplicated_helpers_are_gone(helper):
     """Each of these once existed in two or more modules; their single homes are zero_params,
-    dist.rank_world, the frozen-weight interface, targets and weight_files."""
+    dist.rank_world, the frozen-weight interface, targets, weight_files and atomic."""
     holders = [p.name for p in PACKAGE.rglob("*.py") if helper in p.read_text()]
     assert not holders, f"{helper} is back in {holders}"
 

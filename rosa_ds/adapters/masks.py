@@ -31,6 +31,7 @@ from torch import nn
 
 from rosa_ds.adapters.inject import adapted_modules
 from rosa_ds.adapters.topk import top_k_sharded
+from rosa_ds.atomic import write_atomic
 from rosa_ds.config import AdapterConfig
 from rosa_ds.dist import all_reduce_sum, comm_device, rank_world
 from rosa_ds.errors import TrainingError, UserError
@@ -183,10 +184,8 @@ def save_masks(path: str | Path, masks: dict[str, SparseStructure]) -> None:
         tensors[f"{name}.row_ptr"] = s.row_ptr.contiguous()
         tensors[f"{name}.col_idx"] = s.col_idx.contiguous()
         shapes[name] = list(s.shape)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "rosa-ds-masks", "shapes": json.dumps(shapes)})
-    tmp.replace(path)
+    metadata = {"format": "rosa-ds-masks", "shapes": json.dumps(shapes)}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_masks(path: str | Path) -> dict[str, SparseStructure]:

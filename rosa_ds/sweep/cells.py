@@ -9,13 +9,13 @@ whose config changed since it first ran is refused rather than mixed into the ol
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from rosa_ds.atomic import write_text_atomic
 from rosa_ds.config import RunConfig, dump_config, load_config
 from rosa_ds.errors import UserError
 from rosa_ds.plan import GIB, inputs_from_config, min_gpus, plan
@@ -184,8 +184,8 @@ def write_sweep(out: Path, planned: list[PlannedCell], meta: dict[str, Any]) -> 
             )
     (out / "configs").mkdir(parents=True, exist_ok=True)
     for p in planned:
-        _write_atomic(p.config_file, config_text(p))
-    _write_atomic(
+        write_text_atomic(p.config_file, config_text(p))
+    write_text_atomic(
         out / SWEEP_FILE, json.dumps({**meta, "cells": [p.row() for p in planned]}, indent=2)
     )
 
@@ -194,12 +194,6 @@ def config_text(p: PlannedCell) -> str:
     """The cell's run config, with its world size (not a config key) in a comment, so that a
     change of either is a changed cell."""
     return f"# rosa-ds sweep cell {p.cell.name}: {p.cell.world_size} rank(s)\n" + dump_config(p.cfg)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_sweep(folder: Path) -> dict[str, Any]:
