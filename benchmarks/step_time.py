@@ -13,7 +13,10 @@ problems (they concentrate in rows and columns, which changes the sparse kernels
 ``--masks random`` draws them uniformly instead. Rank 0 then times the parts of RoSA's step
 that LoRA does not have, on the CPU (the SDDMM of the values' gradient, compiled and through
 torch's ``sampled_addmm``, and the in-place merges of ``S`` into ``W``)
-on the same shapes, so the last lines say where the extra time goes.
+on the same shapes, so the last lines say where the extra time goes; on the CPU the same kernels
+are also timed inside the measured RoSA steps (``sddmm_in_step_ms``, ``merges_in_step_ms``: slower
+than alone, their operands no longer in cache), and each step's CPU time on rank 0
+(``cpu_ratio``: the ratio without waits for the other rank).
 """
 
 from __future__ import annotations
@@ -180,6 +183,45 @@ def sparse_parts_ms(masks: dict, tokens: int, repeats: int = 5) -> dict[str, flo
     return total
 
 
+class KernelClock:
+    """Milliseconds spent inside the compiled CPU kernels (the SDDMM, the merges and restores)
+    while ``active``: the module ``cpu_native.kernels()`` returns is wrapped for this process,
+    so the figures are taken inside real steps, with their operands as cold as a step leaves
+    them (timing the kernels alone on the same shapes finds them in cache)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self.active = False
+
+    def install(self) -> bool:
+        from rosa_ds.kernels import cpu_native
+
+        native = cpu_native.kernels()
+        if native is None:
+            return False
+        clock = self
+
+        class Timed:
+            def __getattr__(self, name: str):
+                fn = getattr(native, name)
+
+                def timed(*args, **kwargs):
+                    if not clock.active:
+                        return fn(*args, **kwargs)
+                    t0 = time.perf_counter()
+                    try:
+                        return fn(*args, **kwargs)
+                    finally:
+                        elapsed = (time.perf_counter() - t0) * 1000
+                        clock.ms[name] = clock.ms.get(name, 0.0) + elapsed
+
+                return timed
+
+        timed_module = Timed()
+        cpu_native.kernels = lambda: timed_module  # the callers look it up at each call
+        return True
+
+
 def _without_option(argv: list[str], name: str) -> list[str]:
     """``argv`` less ``name VALUE`` and ``name=VALUE``."""
     out, skip = [], False
@@ -263,21 +305,29 @@ def vs_lora(args) -> None:
     from deepspeed.accelerator import get_accelerator
 
     sync = get_accelerator().synchronize  # a GPU step ends when its kernels do
+    on_cpu = _device().type == "cpu"
+    clock = KernelClock()
+    clocked = on_cpu and clock.install()
     times: dict[str, list[float]] = {k: [] for k in engines}
+    cpu_times: dict[str, list[float]] = {k: [] for k in engines}
     for i in range(args.warmup + args.steps):
         order = list(engines) if i % 2 == 0 else list(reversed(engines))
         for kind in order:
             engine = engines[kind]
+            clock.active = kind == "rosa" and i >= args.warmup
             sync()
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
+            c1 = time.thread_time()  # this rank's own work, without waits for the other
             sync()
             dist.barrier()
             if i >= args.warmup:
                 times[kind].append(time.perf_counter() - t0)
+                cpu_times[kind].append(c1 - c0)
+    clock.active = False
     if dist.get_rank() != 0:
         return
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -310,11 +360,29 @@ def vs_lora(args) -> None:
         f"{parts['sampled_addmm']:.1f} ms), in-place merges of S into W {parts['merges']:.1f} ms "
         f"(the frozen GEMMs both methods run: {parts['frozen_gemms']:.1f} ms)"
     )
+    in_step = ""
+    if clocked:
+        sddmm_in = clock.ms.get("sddmm", 0.0) / args.steps
+        merges_in = (
+            clock.ms.get("merge_in_place", 0.0) + clock.ms.get("restore", 0.0)
+        ) / args.steps
+        cpu = {k: statistics.median(v) * 1000 for k, v in cpu_times.items()}
+        print(
+            f"inside the timed RoSA steps, per step: SDDMM {sddmm_in:.1f} ms, merges and "
+            f"restores {merges_in:.1f} ms; this rank's CPU time per step (no waits for the other "
+            f"rank): RoSA {cpu['rosa']:.1f} ms, LoRA {cpu['lora']:.1f} ms "
+            f"(extra {cpu['rosa'] - cpu['lora']:.1f} ms; the rest of the wall-clock extra is "
+            "time not running: waits for the other rank at the all-reduce, or descheduled)"
+        )
+        in_step = (
+            f"sddmm_in_step_ms={sddmm_in:.1f} merges_in_step_ms={merges_in:.1f} "
+            f"cpu_ratio={cpu['rosa'] / cpu['lora']:.3f} "
+        )
     print(
         f"rosa_ms={med['rosa'] * 1000:.1f} lora_ms={med['lora'] * 1000:.1f} "
         f"density={density:.5f} sddmm_ms={parts['sddmm']:.1f} "
         f"sampled_addmm_ms={parts['sampled_addmm']:.1f} merges_ms={parts['merges']:.1f} "
-        f"ratio={med['rosa'] / med['lora']:.3f}"
+        f"{in_step}ratio={med['rosa'] / med['lora']:.3f}"
     )
 
 

@@ -20,6 +20,7 @@
 namespace {
 
 constexpr int64_t kTokens = 64;  // tokens per block
+constexpr int64_t kPrefetch = 32;  // W positions fetched ahead by the merge and the restore
 
 typedef float vec8 __attribute__((vector_size(32)));
 typedef float vec8_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
@@ -249,6 +250,7 @@ torch::Tensor merge_in_place(torch::Tensor& weight, const torch::Tensor& values,
     scalar_t* out = saved.data_ptr<scalar_t>();
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
+        if (k + kPrefetch < end) __builtin_prefetch(w + pos[k + kPrefetch], 1);
         const scalar_t w0 = w[pos[k]];
         out[k] = w0;
         w[pos[k]] = static_cast<scalar_t>(static_cast<float>(w0) + v[k]);
@@ -271,7 +273,10 @@ void restore(torch::Tensor& weight, const torch::Tensor& saved, const torch::Ten
     scalar_t* w = weight.data_ptr<scalar_t>();
     const scalar_t* in = saved.data_ptr<scalar_t>();
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) w[pos[k]] = in[k];
+      for (int64_t k = begin; k < end; ++k) {
+        if (k + kPrefetch < end) __builtin_prefetch(w + pos[k + kPrefetch], 1);
+        w[pos[k]] = in[k];
+      }
     });
   });
 }
