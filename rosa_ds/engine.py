@@ -73,6 +73,35 @@ class Built:
     def model(self) -> torch.nn.Module:
         return self.engine.module
 
+    def release(self) -> None:
+        """Destroy the engine and free the tensors it held, before the next pass builds another.
+
+        Under ZeRO-3, DeepSpeed 0.19's ``destroy`` removes its hooks, but something outside
+        Python's reach (it has no Python root) keeps the old model and optimizer alive, and with
+        them the frozen partitions and the optimizer's flat buffers: a RoSA run held its warm-up
+        model beside the main pass's (DeepSpeed issue 7204). So the storages are emptied here,
+        whoever still holds the objects. Nothing may use the engine afterwards."""
+        engine, model = self.engine, self.engine.module
+        engine.destroy()
+        with torch.no_grad():
+            for p in model.parameters():
+                if hasattr(p, "ds_tensor"):
+                    p.ds_tensor = None
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+                p.grad = None
+            for holder in (engine.optimizer, getattr(engine.optimizer, "optimizer", None)):
+                if holder is None:
+                    continue
+                if isinstance(getattr(holder, "state", None), dict):
+                    holder.state.clear()
+                for name, value in list(vars(holder).items()):
+                    if isinstance(value, torch.Tensor) or (
+                        isinstance(value, list)
+                        and value
+                        and all(isinstance(v, torch.Tensor | list) for v in value)
+                    ):
+                        setattr(holder, name, None)
+
     def group_index(self, role: str) -> int | None:
         """The optimizer group of a role (``lowrank``, ``sparse``, ``full``), if the run has it."""
         return self.group_names.index(role) if role in self.group_names else None

@@ -324,7 +324,7 @@ class Trainer:
             if not method.end_pass(run):
                 break
             fresh_pass = True
-            built.engine.destroy()
+            built.release()
             del built, run
             gc.collect()
         elapsed = time.time() - t0
