@@ -7,9 +7,12 @@ written back, what one GEMM of a layer holding ``W`` whole costs extra) at densi
 dense GEMM ``x W^T`` measured in the same run. On a GPU it times the Triton kernels and
 ``torch.sparse``; on a CPU it times the torch path (torch's CSR kernels), and the Triton figures
 need a GPU; there the SDDMM is the compiled one where it builds (``rosa_ds/kernels/cpu_native.py``),
-and torch's ``sampled_addmm`` is timed beside it. The last line: ``spmm_vs_gemm=X
-sddmm_vs_gemm=Y add_vs_gemm=Z inplace_vs_gemm=W`` (median ratios), on a CPU also
-``sampled_sddmm_vs_gemm=V``.
+and torch's ``sampled_addmm`` is timed beside it. Two more SDDMMs for comparison: the dense
+gradient ``dY^T X`` by a GEMM, then read at the mask (what any sparse SDDMM must beat), and on a
+GPU the Triton kernel reading its operands token-major as they come (one scattered element per
+token and non-zero) instead of the feature-major copies it makes by default. The last line:
+``spmm_vs_gemm=X sddmm_vs_gemm=Y add_vs_gemm=Z inplace_vs_gemm=W dense_sddmm_vs_gemm=D`` (median
+ratios), on a GPU also ``token_major_sddmm_vs_gemm=G``, on a CPU ``sampled_sddmm_vs_gemm=V``.
 
     python benchmarks/sparse_kernels.py
 """
@@ -71,15 +74,18 @@ def main() -> None:
     print(f"device={device} dtype={dtype} kernels={label} threads={torch.get_num_threads()}")
     if not cuda:
         print("no GPU: these are the CPU path's figures; the Triton kernels need a GPU to time")
-    ratios: dict[str, list[float]] = {"spmm": [], "sddmm": [], "add": [], "inplace": []}
-    if not cuda:
-        ratios["sampled_sddmm"] = []
+    # SDDMMs timed beside the one the training path runs: name -> fn(dy, x, s, positions)
+    extras = {"dense_sddmm": lambda dy, x, s, p: (dy.T @ x).view(-1)[p]}
+    if cuda:
+        extras["token_major_sddmm"] = lambda dy, x, s, p: ops.sddmm(dy, x, s, feature_major=False)
+    else:
+        extras["sampled_sddmm"] = lambda dy, x, s, p: torch_sparse.sampled_sddmm(dy, x, s)
+    ratios: dict[str, list[float]] = {k: [] for k in ("spmm", "sddmm", "add", "inplace", *extras)}
     g = torch.Generator().manual_seed(0)
     print(
-        f"{'shape':>11} {'density':>8} {'tokens':>6} {'gemm ms':>9} {'spmm':>7} {'sddmm':>7} "
-        f"{'add':>7} {'inplace':>7}"
-        + ("" if cuda else f" {'sampled':>7}")
-        + "   (sparse time / gemm time)"
+        f"{'shape':>11} {'density':>8} {'tokens':>6} {'gemm ms':>9} "
+        + " ".join(f"{k.removesuffix('_sddmm'):>7}" for k in ratios)
+        + "   (time / gemm time)"
     )
     for shape in args.shapes.split(","):
         out_f, in_f = (int(v) for v in shape.split("x"))
@@ -105,9 +111,9 @@ def main() -> None:
                     sync,
                 )
                 r = [t_spmm / gemm, t_sddmm / gemm, t_add / gemm, t_inplace / gemm]
-                if not cuda:
-                    sampled = lambda x=x, dy=dy, s=s: torch_sparse.sampled_sddmm(dy, x, s)  # noqa: E731
-                    r.append(timed(sampled, args.repeat, sync) / gemm)
+                for fn in extras.values():
+                    timed_fn = lambda fn=fn, dy=dy, x=x, s=s, p=positions: fn(dy, x, s, p)  # noqa: E731
+                    r.append(timed(timed_fn, args.repeat, sync) / gemm)
                 for key, value in zip(ratios, r, strict=True):
                     ratios[key].append(value)
                 print(

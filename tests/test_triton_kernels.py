@@ -63,8 +63,25 @@ def test_kernels_match_dense_reference(dtype, shape):
     torch.testing.assert_close(y.float(), x.float() @ dense.T, **tol)
     torch.testing.assert_close(ts.spmm_t(dy, values, s).float(), dy.float() @ dense, **tol)
     ref_dv = (dy.float().T @ x.float())[mask]
-    torch.testing.assert_close(ts.sddmm(dy, x, s), ref_dv, **tol)
+    for feature_major in (True, False):
+        torch.testing.assert_close(ts.sddmm(dy, x, s, feature_major), ref_dv, **tol)
     torch.testing.assert_close(ts.sparse_add(w, values, s).float(), w.float() + dense, **tol)
+
+
+@pytest.mark.parametrize("feature_major", [True, False])
+def test_sddmm_over_several_token_blocks(feature_major):
+    """Tokens spanning three blocks (the last one partial), rows longer than one block of
+    non-zeros: both operand layouts give the dense reference at the mask."""
+    out_f, in_f, tokens = 5, 70, 2 * ts.BLOCK_T + 7
+    mask = torch.zeros(out_f, in_f, dtype=torch.bool)
+    mask[0] = True  # a row of 70 non-zeros: three blocks of BLOCK_K
+    mask[3, ::3] = True
+    s = SparseStructure.from_dense_mask(mask).to(DEVICE)
+    g = torch.Generator().manual_seed(2)
+    x, dy = torch.randn(tokens, in_f, generator=g), torch.randn(tokens, out_f, generator=g)
+    x, dy, mask = _on(x, dy, mask)
+    got = ts.sddmm(dy, x, s, feature_major)
+    torch.testing.assert_close(got, (dy.T @ x)[mask], rtol=1e-5, atol=1e-5)
 
 
 def test_single_nonzero_and_empty_mask():

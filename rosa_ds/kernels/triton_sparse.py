@@ -74,27 +74,33 @@ def sddmm_kernel(
     col_idx,
     row_order,
     n_tokens,
-    stride_dy,
-    stride_x,
+    stride_dy_t,
+    stride_dy_f,
+    stride_x_t,
+    stride_x_f,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``out_k = sum_t dy[t, row] * x[t, col_k]`` for a block of one row's non-zeros."""
+    """``out_k = sum_t dy[t, row] * x[t, col_k]`` for a block of one row's non-zeros. With
+    feature-major operands (``stride_*_t == 1``) each non-zero reads a contiguous run of
+    tokens; with token-major ones every token is a gather across the row's columns."""
     row = tl.load(row_order + tl.program_id(0))
     start = tl.load(row_ptr + row)
     end = tl.load(row_ptr + row + 1)
     offs_k = start + tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < end
-    cols = tl.load(col_idx + offs_k, mask=mask_k, other=0)
+    cols = tl.load(col_idx + offs_k, mask=mask_k, other=0).to(tl.int64)
+    dy_row = dy_ptr + row.to(tl.int64) * stride_dy_f
+    x_cols = x_ptr + cols * stride_x_f
     acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for t0 in range(0, n_tokens, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < n_tokens
-        dy = tl.load(dy_ptr + offs_t.to(tl.int64) * stride_dy + row, mask=mask_t, other=0.0).to(
+        dy = tl.load(dy_row + offs_t.to(tl.int64) * stride_dy_t, mask=mask_t, other=0.0).to(
             tl.float32
         )
         xs = tl.load(
-            x_ptr + offs_t[:, None].to(tl.int64) * stride_x + cols[None, :],
+            x_cols[None, :] + offs_t[:, None].to(tl.int64) * stride_x_t,
             mask=mask_t[:, None] & mask_k[None, :],
             other=0.0,
         ).to(tl.float32)
@@ -159,8 +165,10 @@ SIGNATURES = {
         "col_idx": "*i32",
         "row_order": "*i32",
         "n_tokens": "i32",
-        "stride_dy": "i32",
-        "stride_x": "i32",
+        "stride_dy_t": "i32",
+        "stride_dy_f": "i32",
+        "stride_x_t": "i32",
+        "stride_x_f": "i32",
     },
     "sparse_add_kernel": {
         "w_ptr": "*{dt}",
@@ -239,23 +247,34 @@ def spmm_t(dy: torch.Tensor, values: torch.Tensor, s: SparseStructure) -> torch.
     return dx
 
 
-def sddmm(dy: torch.Tensor, x: torch.Tensor, s: SparseStructure) -> torch.Tensor:
-    """``(dy^T x)`` at the non-zeros, in CSR order (fp32)."""
-    dy, x = dy.contiguous(), x.contiguous()
+def sddmm(
+    dy: torch.Tensor, x: torch.Tensor, s: SparseStructure, feature_major: bool = True
+) -> torch.Tensor:
+    """``(dy^T x)`` at the non-zeros, in CSR order (fp32). ``feature_major`` first copies both
+    operands with the tokens contiguous (``(out + in) x T`` elements, once), so each non-zero's
+    dot product reads whole runs of tokens instead of one scattered element per token (the
+    same layout the CPU kernel builds block by block); ``False`` reads them token-major as
+    they come, the layout ``benchmarks/sparse_kernels.py`` compares against."""
+    if feature_major:
+        dy_f, x_f = dy.t().contiguous(), x.t().contiguous()  # (out, T), (in, T)
+        dy_strides, x_strides = (1, dy_f.stride(0)), (1, x_f.stride(0))
+    else:
+        dy_f, x_f = dy.contiguous(), x.contiguous()  # (T, out), (T, in)
+        dy_strides, x_strides = (dy_f.stride(0), 1), (x_f.stride(0), 1)
     out = torch.zeros(s.nnz, dtype=torch.float32, device=x.device)
     rows = s.row_order
     if rows.numel():
         grid = (rows.numel(), _row_blocks(s))
         sddmm_kernel[grid](
-            dy,
-            x,
+            dy_f,
+            x_f,
             out,
             s.row_ptr,
             s.col_idx,
             rows,
             x.shape[0],
-            dy.stride(0),
-            x.stride(0),
+            *dy_strides,
+            *x_strides,
             BLOCK_T=BLOCK_T,
             BLOCK_K=BLOCK_K,
         )
