@@ -9,10 +9,11 @@ dense GEMM ``x W^T`` measured in the same run. On a GPU it times the Triton kern
 need a GPU; there the SDDMM is the compiled one where it builds (``rosa_ds/kernels/cpu_native.py``),
 and torch's ``sampled_addmm`` is timed beside it. Two more SDDMMs for comparison: the dense
 gradient ``dY^T X`` by a GEMM, then read at the mask (what any sparse SDDMM must beat), and on a
-GPU the Triton kernel reading its operands token-major as they come (one scattered element per
-token and non-zero) instead of the feature-major copies it makes by default. The last line:
-``spmm_vs_gemm=X sddmm_vs_gemm=Y add_vs_gemm=Z inplace_vs_gemm=W dense_sddmm_vs_gemm=D`` (median
-ratios), on a GPU also ``token_major_sddmm_vs_gemm=G``, on a CPU ``sampled_sddmm_vs_gemm=V``.
+GPU the Triton SpMM and SDDMM reading their operands token-major as they come (one scattered
+element per token and non-zero) instead of the feature-major copies they make by default. The
+last line: ``spmm_vs_gemm=X sddmm_vs_gemm=Y add_vs_gemm=Z inplace_vs_gemm=W
+dense_sddmm_vs_gemm=D`` (median ratios), on a GPU also ``token_major_spmm_vs_gemm=`` and
+``token_major_sddmm_vs_gemm=``, on a CPU ``sampled_sddmm_vs_gemm=V``.
 
     python benchmarks/sparse_kernels.py
 """
@@ -74,12 +75,13 @@ def main() -> None:
     print(f"device={device} dtype={dtype} kernels={label} threads={torch.get_num_threads()}")
     if not cuda:
         print("no GPU: these are the CPU path's figures; the Triton kernels need a GPU to time")
-    # SDDMMs timed beside the one the training path runs: name -> fn(dy, x, s, positions)
-    extras = {"dense_sddmm": lambda dy, x, s, p: (dy.T @ x).view(-1)[p]}
+    # kernels timed beside those the training path runs: name -> fn(dy, x, s, positions, values)
+    extras = {"dense_sddmm": lambda dy, x, s, p, v: (dy.T @ x).view(-1)[p]}
     if cuda:
-        extras["token_major_sddmm"] = lambda dy, x, s, p: ops.sddmm(dy, x, s, feature_major=False)
+        extras["token_major_spmm"] = lambda dy, x, s, p, v: ops.spmm(x, v, s, feature_major=False)
+        extras["token_major_sddmm"] = lambda dy, x, s, p, v: ops.sddmm(dy, x, s, False)
     else:
-        extras["sampled_sddmm"] = lambda dy, x, s, p: torch_sparse.sampled_sddmm(dy, x, s)
+        extras["sampled_sddmm"] = lambda dy, x, s, p, v: torch_sparse.sampled_sddmm(dy, x, s)
     ratios: dict[str, list[float]] = {k: [] for k in ("spmm", "sddmm", "add", "inplace", *extras)}
     g = torch.Generator().manual_seed(0)
     print(
@@ -112,7 +114,9 @@ def main() -> None:
                 )
                 r = [t_spmm / gemm, t_sddmm / gemm, t_add / gemm, t_inplace / gemm]
                 for fn in extras.values():
-                    timed_fn = lambda fn=fn, dy=dy, x=x, s=s, p=positions: fn(dy, x, s, p)  # noqa: E731
+                    timed_fn = lambda fn=fn, dy=dy, x=x, s=s, p=positions, v=values: fn(  # noqa: E731
+                        dy, x, s, p, v
+                    )
                     r.append(timed(timed_fn, args.repeat, sync) / gemm)
                 for key, value in zip(ratios, r, strict=True):
                     ratios[key].append(value)

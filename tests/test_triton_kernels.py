@@ -58,10 +58,12 @@ def test_kernels_match_dense_reference(dtype, shape):
     dense = torch.zeros(out_f, in_f).masked_scatter(mask, values.float())
     values, x, dy, w, dense, mask = _on(values, x, dy, w, dense, mask)
     tol = _tol(dtype)
-    y = ts.spmm(x, values, s)
-    assert y.dtype == dtype
-    torch.testing.assert_close(y.float(), x.float() @ dense.T, **tol)
-    torch.testing.assert_close(ts.spmm_t(dy, values, s).float(), dy.float() @ dense, **tol)
+    for feature_major in (True, False):
+        y = ts.spmm(x, values, s, feature_major)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), x.float() @ dense.T, **tol)
+        dx = ts.spmm_t(dy, values, s, feature_major)
+        torch.testing.assert_close(dx.float(), dy.float() @ dense, **tol)
     ref_dv = (dy.float().T @ x.float())[mask]
     for feature_major in (True, False):
         torch.testing.assert_close(ts.sddmm(dy, x, s, feature_major), ref_dv, **tol)
@@ -69,9 +71,10 @@ def test_kernels_match_dense_reference(dtype, shape):
 
 
 @pytest.mark.parametrize("feature_major", [True, False])
-def test_sddmm_over_several_token_blocks(feature_major):
+def test_kernels_over_several_token_blocks(feature_major):
     """Tokens spanning three blocks (the last one partial), rows longer than one block of
-    non-zeros: both operand layouts give the dense reference at the mask."""
+    non-zeros: SDDMM, SpMM and the transposed SpMM give the dense reference in both operand
+    layouts."""
     out_f, in_f, tokens = 5, 70, 2 * ts.BLOCK_T + 7
     mask = torch.zeros(out_f, in_f, dtype=torch.bool)
     mask[0] = True  # a row of 70 non-zeros: three blocks of BLOCK_K
@@ -82,6 +85,11 @@ def test_sddmm_over_several_token_blocks(feature_major):
     x, dy, mask = _on(x, dy, mask)
     got = ts.sddmm(dy, x, s, feature_major)
     torch.testing.assert_close(got, (dy.T @ x)[mask], rtol=1e-5, atol=1e-5)
+    values = _on(torch.randn(s.nnz, generator=g))[0]
+    dense = torch.zeros(out_f, in_f, device=values.device).masked_scatter(mask, values)
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(ts.spmm(x, values, s, feature_major), x @ dense.T, **tol)
+    torch.testing.assert_close(ts.spmm_t(dy, values, s, feature_major), dy @ dense, **tol)
 
 
 def test_single_nonzero_and_empty_mask():

@@ -32,13 +32,16 @@ def spmm_kernel(
     perm,
     row_order,
     n_tokens,
-    stride_x,
-    stride_y,
+    stride_x_t,
+    stride_x_f,
+    stride_y_t,
+    stride_y_f,
     HAS_PERM: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``y[t, row] = sum_k x[t, col_k] * v_k`` for one non-empty row and a block of tokens."""
+    """``y[t, row] = sum_k x[t, col_k] * v_k`` for one non-empty row and a block of tokens.
+    Feature-major operands (``stride_*_t == 1``) make every load and the store runs of tokens."""
     row = tl.load(row_order + tl.program_id(0))
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < n_tokens
@@ -48,21 +51,20 @@ def spmm_kernel(
     for k0 in range(start, end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < end
-        cols = tl.load(col_idx + offs_k, mask=mask_k, other=0)
+        cols = tl.load(col_idx + offs_k, mask=mask_k, other=0).to(tl.int64)
         if HAS_PERM:  # noqa: SIM108 - a compile-time branch
             slot = tl.load(perm + offs_k, mask=mask_k, other=0)
         else:
             slot = offs_k
         vals = tl.load(values + slot, mask=mask_k, other=0.0).to(tl.float32)
         xs = tl.load(
-            x_ptr + offs_t[:, None].to(tl.int64) * stride_x + cols[None, :],
+            x_ptr + offs_t[:, None].to(tl.int64) * stride_x_t + cols[None, :] * stride_x_f,
             mask=mask_t[:, None] & mask_k[None, :],
             other=0.0,
         ).to(tl.float32)
         acc += tl.sum(xs * vals[None, :], axis=1)
-    tl.store(
-        y_ptr + offs_t.to(tl.int64) * stride_y + row, acc.to(y_ptr.dtype.element_ty), mask=mask_t
-    )
+    y_row = y_ptr + row.to(tl.int64) * stride_y_f
+    tl.store(y_row + offs_t.to(tl.int64) * stride_y_t, acc.to(y_ptr.dtype.element_ty), mask=mask_t)
 
 
 @triton.jit
@@ -154,8 +156,10 @@ SIGNATURES = {
         "perm": "*i32",
         "row_order": "*i32",
         "n_tokens": "i32",
-        "stride_x": "i32",
-        "stride_y": "i32",
+        "stride_x_t": "i32",
+        "stride_x_f": "i32",
+        "stride_y_t": "i32",
+        "stride_y_f": "i32",
     },
     "sddmm_kernel": {
         "dy_ptr": "*{dt}",
@@ -197,54 +201,61 @@ def _nonempty(row_ptr: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor
     return rows[torch.argsort(counts[rows], descending=True, stable=True)].to(torch.int32)
 
 
-def spmm(x: torch.Tensor, values: torch.Tensor, s: SparseStructure) -> torch.Tensor:
+def _spmm(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    perm: torch.Tensor | None,
+    rows: torch.Tensor,
+    n_out: int,
+    feature_major: bool,
+) -> torch.Tensor:
+    """``y[t, r] = sum_k x[t, col_k] v_k`` over one CSR: x (T, n_in) -> (T, n_out). With
+    ``feature_major`` it reads a tokens-contiguous copy of ``x`` and writes ``y`` that way
+    (returned as its transposed view), so each non-zero reads runs of tokens."""
+    tokens = x.shape[0]
+    if feature_major:
+        x_op = x.t().contiguous()  # (n_in, T)
+        y_op = torch.zeros(n_out, tokens, dtype=x.dtype, device=x.device)
+        x_strides, y_strides = (1, x_op.stride(0)), (1, y_op.stride(0))
+    else:
+        x_op = x.contiguous()
+        y_op = torch.zeros(tokens, n_out, dtype=x.dtype, device=x.device)
+        x_strides, y_strides = (x_op.stride(0), 1), (y_op.stride(0), 1)
+    if rows.numel() and tokens:
+        grid = (rows.numel(), triton.cdiv(tokens, BLOCK_T))
+        spmm_kernel[grid](
+            x_op,
+            y_op,
+            row_ptr,
+            col_idx,
+            values.contiguous(),
+            col_idx if perm is None else perm,
+            rows,
+            tokens,
+            *x_strides,
+            *y_strides,
+            HAS_PERM=int(perm is not None),
+            BLOCK_T=BLOCK_T,
+            BLOCK_K=BLOCK_K,
+        )
+    return y_op.t() if feature_major else y_op
+
+
+def spmm(
+    x: torch.Tensor, values: torch.Tensor, s: SparseStructure, feature_major: bool = True
+) -> torch.Tensor:
     """``x S^T``: x (T, in) -> (T, out)."""
-    x = x.contiguous()
-    y = torch.zeros(x.shape[0], s.shape[0], dtype=x.dtype, device=x.device)
-    rows = s.row_order
-    if rows.numel() and x.shape[0]:
-        grid = (rows.numel(), triton.cdiv(x.shape[0], BLOCK_T))
-        spmm_kernel[grid](
-            x,
-            y,
-            s.row_ptr,
-            s.col_idx,
-            values.contiguous(),
-            s.col_idx,
-            rows,
-            x.shape[0],
-            x.stride(0),
-            y.stride(0),
-            HAS_PERM=0,
-            BLOCK_T=BLOCK_T,
-            BLOCK_K=BLOCK_K,
-        )
-    return y
+    return _spmm(x, values, s.row_ptr, s.col_idx, None, s.row_order, s.shape[0], feature_major)
 
 
-def spmm_t(dy: torch.Tensor, values: torch.Tensor, s: SparseStructure) -> torch.Tensor:
+def spmm_t(
+    dy: torch.Tensor, values: torch.Tensor, s: SparseStructure, feature_major: bool = True
+) -> torch.Tensor:
     """``dy S``: dy (T, out) -> (T, in), over the cached transposed CSR."""
-    dy = dy.contiguous()
-    dx = torch.zeros(dy.shape[0], s.shape[1], dtype=dy.dtype, device=dy.device)
     rows = _nonempty(s.t_row_ptr, s.t_row_order)
-    if rows.numel() and dy.shape[0]:
-        grid = (rows.numel(), triton.cdiv(dy.shape[0], BLOCK_T))
-        spmm_kernel[grid](
-            dy,
-            dx,
-            s.t_row_ptr,
-            s.t_col_idx,
-            values.contiguous(),
-            s.t_perm,
-            rows,
-            dy.shape[0],
-            dy.stride(0),
-            dx.stride(0),
-            HAS_PERM=1,
-            BLOCK_T=BLOCK_T,
-            BLOCK_K=BLOCK_K,
-        )
-    return dx
+    return _spmm(dy, values, s.t_row_ptr, s.t_col_idx, s.t_perm, rows, s.shape[1], feature_major)
 
 
 def sddmm(
