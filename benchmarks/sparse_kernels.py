@@ -86,7 +86,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     print(
         f"{'shape':>11} {'density':>8} {'tokens':>6} {'gemm ms':>9} "
-        + " ".join(f"{k.removesuffix('_sddmm'):>7}" for k in ratios)
+        + " ".join(f"{k:>{max(7, len(k))}}" for k in ratios)
         + "   (time / gemm time)"
     )
     for shape in args.shapes.split(","):
@@ -122,7 +122,7 @@ def main() -> None:
                     ratios[key].append(value)
                 print(
                     f"{shape:>11} {density:>8.2%} {tokens:>6} {gemm * 1e3:>9.2f} "
-                    + " ".join(f"{v:>7.3f}" for v in r),
+                    + " ".join(f"{v:>{max(7, len(k))}.3f}" for k, v in zip(ratios, r, strict=True)),
                     flush=True,
                 )
     print(" ".join(f"{k}_vs_gemm={statistics.median(v):.3f}" for k, v in ratios.items()))

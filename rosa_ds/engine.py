@@ -101,6 +101,10 @@ class Built:
                         and all(isinstance(v, torch.Tensor | list) for v in value)
                     ):
                         setattr(holder, name, None)
+                    elif isinstance(value, dict) and any(
+                        isinstance(v, torch.Tensor | list | dict) for v in value.values()
+                    ):  # e.g. gradient partitions by parameter id: views of the flat buffers
+                        value.clear()
 
     def group_index(self, role: str) -> int | None:
         """The optimizer group of a role (``lowrank``, ``sparse``, ``full``), if the run has it."""

@@ -40,8 +40,9 @@ The model follows what this trainer allocates (checked against ``rosa_ds/engine.
   ones). That residency is an upper bound: measured runs kept 0 to 75% of it, depending on
   whether the trace survived (evaluation passes and tied embeddings break it).
 * **sparse part**: one module's backward at a time merges ``S`` into ``W`` (in place at ZeRO
-  0-2: ``W0`` and the sums at the mask; under ZeRO-3 a dense copy of ``W + S``) and, on the
-  CPU path, fp32 copies of ``dY`` and ``X`` for the SDDMM; with 4-bit weights one layer's
+  0-2: ``W0`` and the sums at the mask; under ZeRO-3 a dense copy of ``W + S``) and copies
+  ``dY`` and ``X`` for the SDDMM (fp32 on the CPU path; with the tokens contiguous, in the
+  activation dtype, for the Triton kernel); with 4-bit weights one layer's
   weight is dequantized at a time. Besides the layers' masks the trainer keeps only, for the
   in-place merge, each layer's int64 flat positions of its mask (checkpoints gather the masks
   from the layers one at a time).
@@ -591,13 +592,14 @@ def plan(inp: PlanInputs) -> Breakdown:
     max_mn = max(o * i for o, i in mats)
     sparse_tmp = 0.0
     if sparse:  # one module's backward: the merge (W + S in place: W0 and the sums at the
-        # mask; under ZeRO-3 a merged dense copy), fp32 copies of dY and X on the CPU path
+        # mask; under ZeRO-3 a merged dense copy), copies of dY and X for the SDDMM (fp32 on
+        # the CPU path; tokens-contiguous ones in the activation dtype for the Triton kernel)
         t = inp.tokens
         cpu = inp.device == "cpu"
         in_place = _merges_in_place(inp)
         sparse_tmp = max(
             ((2 * a + 4) * round(inp.density * o * i) if in_place else a * o * i)
-            + (4 * t * (o + i) + 16 * round(inp.density * o * i) if cpu else 0)
+            + (4 * t * (o + i) + 16 * round(inp.density * o * i) if cpu else a * t * (o + i))
             for o, i in mats
         )
     quantized = set(LINEARS if inp.quant_all_linear else inp.targets) if inp.quant == 4 else set()

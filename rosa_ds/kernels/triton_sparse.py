@@ -212,8 +212,9 @@ def _spmm(
     feature_major: bool,
 ) -> torch.Tensor:
     """``y[t, r] = sum_k x[t, col_k] v_k`` over one CSR: x (T, n_in) -> (T, n_out). With
-    ``feature_major`` it reads a tokens-contiguous copy of ``x`` and writes ``y`` that way
-    (returned as its transposed view), so each non-zero reads runs of tokens."""
+    ``feature_major`` it reads a tokens-contiguous copy of ``x`` and writes ``y`` that way,
+    returned as its transposed view (not contiguous: callers reshape or add out of place; an
+    autograd function's output view must not be modified in place)."""
     tokens = x.shape[0]
     if feature_major:
         x_op = x.t().contiguous()  # (n_in, T)
