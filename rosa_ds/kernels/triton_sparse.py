@@ -201,6 +201,16 @@ def _nonempty(row_ptr: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor
     return rows[torch.argsort(counts[rows], descending=True, stable=True)].to(torch.int32)
 
 
+def _operand(t: torch.Tensor, feature_major: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A (tokens, features) operand as the kernels read it, with its (token, feature) strides:
+    a copy with the tokens contiguous, or the tensor itself made contiguous as it comes."""
+    if feature_major:
+        copy = t.t().contiguous()  # (features, tokens)
+        return copy, (1, copy.stride(0))
+    t = t.contiguous()
+    return t, (t.stride(0), 1)
+
+
 def _spmm(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -216,14 +226,13 @@ def _spmm(
     returned as its transposed view (not contiguous: callers reshape or add out of place; an
     autograd function's output view must not be modified in place)."""
     tokens = x.shape[0]
+    x_op, x_strides = _operand(x, feature_major)
     if feature_major:
-        x_op = x.t().contiguous()  # (n_in, T)
         y_op = torch.zeros(n_out, tokens, dtype=x.dtype, device=x.device)
-        x_strides, y_strides = (1, x_op.stride(0)), (1, y_op.stride(0))
+        y_strides = (1, y_op.stride(0))
     else:
-        x_op = x.contiguous()
         y_op = torch.zeros(tokens, n_out, dtype=x.dtype, device=x.device)
-        x_strides, y_strides = (x_op.stride(0), 1), (y_op.stride(0), 1)
+        y_strides = (y_op.stride(0), 1)
     if rows.numel() and tokens:
         grid = (rows.numel(), triton.cdiv(tokens, BLOCK_T))
         spmm_kernel[grid](
@@ -267,19 +276,15 @@ def sddmm(
     dot product reads whole runs of tokens instead of one scattered element per token (the
     same layout the CPU kernel builds block by block); ``False`` reads them token-major as
     they come, the layout ``benchmarks/sparse_kernels.py`` compares against."""
-    if feature_major:
-        dy_f, x_f = dy.t().contiguous(), x.t().contiguous()  # (out, T), (in, T)
-        dy_strides, x_strides = (1, dy_f.stride(0)), (1, x_f.stride(0))
-    else:
-        dy_f, x_f = dy.contiguous(), x.contiguous()  # (T, out), (T, in)
-        dy_strides, x_strides = (dy_f.stride(0), 1), (x_f.stride(0), 1)
+    dy_op, dy_strides = _operand(dy, feature_major)
+    x_op, x_strides = _operand(x, feature_major)
     out = torch.zeros(s.nnz, dtype=torch.float32, device=x.device)
     rows = s.row_order
     if rows.numel():
         grid = (rows.numel(), _row_blocks(s))
         sddmm_kernel[grid](
-            dy_f,
-            x_f,
+            dy_op,
+            x_op,
             out,
             s.row_ptr,
             s.col_idx,
