@@ -18,6 +18,7 @@ from rosa_ds.adapters.subspace_io import read_stored_dense
 from rosa_ds.adapters.trained_modules import grow_vocabulary, load_trained_state
 from rosa_ds.config import AdapterConfig, ModelConfig
 from rosa_ds.errors import UserError
+from rosa_ds.kernels.sparse_linear import release_merge
 from rosa_ds.model import check_model, load_tokenizer
 from rosa_ds.quant.files import rebuild_trained_base
 
@@ -109,6 +110,7 @@ def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
     """Fold every adapter into its base weight and put the plain linear layer back."""
     for name, module in list(adapted_modules(model).items()):
         weight = module.base.weight
+        release_merge(weight)  # W0, not W0 + S held for training
         with torch.no_grad():
             weight.copy_((weight.float() + module.delta_weight()).to(weight.dtype))
         parent_name, _, child = name.rpartition(".")

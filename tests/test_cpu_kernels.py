@@ -192,3 +192,27 @@ def test_compiled_merge_rejects_wrong_operands():
     with pytest.raises(RuntimeError, match="outside the weight"):
         native.restore(flat, values, -1 - positions)
     assert torch.equal(w, before)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_merge_again_from_saved_w0_gives_torch_bits(dtype, fresh_choice):
+    """``write_merged`` (a held merge after ``S`` changed): ``W0 + S`` from the saved ``W0``,
+    summed in fp32 and rounded once, as torch's ops form it; a bad position writes nothing."""
+    fresh_choice.setenv(cpu_native.ENV, "native")
+    native = cpu_native.kernels()
+    w, values, positions = _merge_case(dtype, 8)
+    saved = w.view(-1)[positions].clone()
+    merged = w.clone()
+    native.write_merged(merged.view(-1), saved, values, positions)
+    expected = w.clone()
+    expected.view(-1).index_copy_(0, positions, (saved.float() + values).to(dtype))
+    assert torch.equal(merged, expected) and not torch.equal(merged, w)
+    outside = positions.clone()
+    outside[0] = -1
+    before = merged.clone()
+    with pytest.raises(RuntimeError, match="outside the weight"):
+        native.write_merged(merged.view(-1), saved, values, outside)
+    assert torch.equal(merged, before)
+    with pytest.raises(RuntimeError, match="one value and one saved value"):
+        native.write_merged(merged.view(-1), saved[:3], values, positions)

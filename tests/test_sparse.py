@@ -72,6 +72,7 @@ def test_sparse_linear_matches_dense_masked_reference(dtype, shape):
 def test_rosa_layer_equals_dense_sum_and_starts_unchanged():
     torch.manual_seed(0)
     base = nn.Linear(12, 10)
+    w0 = base.weight.detach().clone()  # base.weight holds W0 + S between GEMMs (held merge)
     layer = AdaptedLinear(base, 4, 8.0)
     x = torch.randn(5, 12)
     before = layer(x)
@@ -82,13 +83,15 @@ def test_rosa_layer_equals_dense_sum_and_starts_unchanged():
         layer.lora_B.normal_()
         layer.sparse_values.normal_()
     s_dense = torch.zeros(10, 12).masked_scatter(mask, layer.sparse_values.detach())
-    w = base.weight + 2.0 * layer.lora_B @ layer.lora_A + s_dense
+    w = w0 + 2.0 * layer.lora_B @ layer.lora_A + s_dense
     torch.testing.assert_close(layer(x), x @ w.T + base.bias, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.delta_weight(), w - base.weight, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.delta_weight(), w - w0, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.frozen.read_full(keep=True), w0)  # the frozen weight reads as W0
 
 
 def test_sparse_only_layer():
     base = nn.Linear(6, 4, bias=False)
+    w0 = base.weight.detach().clone()
     layer = AdaptedLinear(base, 0, 1.0)
     assert not hasattr(layer, "lora_A")
     mask = _mask(4, 6, 0.5, 4)
@@ -96,7 +99,7 @@ def test_sparse_only_layer():
     with torch.no_grad():
         layer.sparse_values.fill_(0.5)
     x = torch.randn(2, 6)
-    torch.testing.assert_close(layer(x), x @ (base.weight + 0.5 * mask).T)
+    torch.testing.assert_close(layer(x), x @ (w0 + 0.5 * mask).T)
 
 
 def test_mask_file_roundtrip_and_garbage(tmp_path):
@@ -163,34 +166,131 @@ def test_sparse_add_paths_equal_spmm_path(bias):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_an_in_place_merge_leaves_the_frozen_weight_as_it_was(dtype):
-    """The in-place merge writes S into W only for the length of each GEMM: after a forward
-    (with a backward to come, or in no_grad), after the backward, after a forward that raised,
-    W holds exactly its own bits; and the result is the copying merge's, bit for bit."""
-    torch.manual_seed(0)
+def _held_layer(dtype: torch.dtype, seed: int = 0) -> AdaptedLinear:
+    torch.manual_seed(seed)
     layer = AdaptedLinear(nn.Linear(24, 40), 2, 4.0).to(dtype)
     layer.attach_mask(SparseStructure.from_dense_mask(_mask(40, 24, 0.1, 3)))
     layer.base.requires_grad_(False)
     with torch.no_grad():
         layer.sparse_values.copy_(1e-2 * torch.randn(layer.mask_nnz))
         layer.lora_B.normal_()
+    return layer
+
+
+def _merged_bits(w0: torch.Tensor, layer: AdaptedLinear) -> torch.Tensor:
+    """``W0 + S`` summed in fp32 and rounded once to W's dtype: what the held merge writes."""
+    s = layer.structure.to_dense(layer.sparse_values.detach().float())
+    mask = layer.structure.to_dense(torch.ones(layer.mask_nnz)).bool()
+    return torch.where(mask, (w0.float() + s).to(w0.dtype), w0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_held_merge_keeps_w0_plus_s_in_w_and_gives_w0_to_every_reader(dtype):
+    """The in-place path keeps ``S`` merged in ``W`` from one GEMM to the next: after a forward
+    W holds ``W0 + S`` rounded once (the copying merge's bits, so the same outputs and
+    gradients); a changed ``S`` is merged again from the saved ``W0`` (no rounding builds up);
+    a forward that raised leaves it consistent; reading the frozen weight, moving the layer,
+    another path or a new mask each put ``W0`` back first."""
+    from rosa_ds.kernels import sparse_linear as sl
+
+    layer = _held_layer(dtype)
     w0 = layer.base.weight.detach().clone()
     x0 = torch.randn(3, 24, dtype=dtype)
     assert layer._merge_mode(x0) == "in_place"
     y = layer(x0.clone().requires_grad_())
-    assert torch.equal(layer.base.weight, w0)  # a backward is pending: still W0 in between
+    assert torch.equal(layer.base.weight, _merged_bits(w0, layer))
     y.float().sum().backward()
-    assert torch.equal(layer.base.weight, w0)
-    with torch.no_grad():
-        layer(x0)
-    assert torch.equal(layer.base.weight, w0)
+    assert torch.equal(layer.base.weight, _merged_bits(w0, layer))
+    for _ in range(3):  # optimizer-like updates: each merge starts again from W0
+        with torch.no_grad():
+            layer.sparse_values.add_(3e-3 * torch.randn(layer.mask_nnz, dtype=dtype))
+            layer(x0)
+        assert torch.equal(layer.base.weight, _merged_bits(w0, layer))
     with pytest.raises(RuntimeError):
-        layer(torch.randn(3, 23, dtype=dtype))  # the GEMM fails inside the merge
-    assert torch.equal(layer.base.weight, w0)
+        layer(torch.randn(3, 23, dtype=dtype))  # the GEMM fails after the merge
+    assert torch.equal(layer.base.weight, _merged_bits(w0, layer))
     in_place, copy = _run_path(layer, "in_place", x0), _run_path(layer, "copy", x0)
     for a, b in zip(copy, in_place, strict=True):
         assert torch.equal(a, b)
+    assert not sl.holds_merge(layer.base.weight)  # the copy path put W0 back before copying
+    assert torch.equal(layer.base.weight, w0)
+    layer(x0)
+    assert torch.equal(layer.frozen.read_full(keep=True), w0.float())  # a reader gets W0
+    assert torch.equal(layer.base.weight, w0)
+    layer(x0)
+    layer.float()  # a cast replaces the storage: W0 goes back first, then is cast
+    assert torch.equal(layer.base.weight, w0.float())
+    layer(x0.float())
+    other = SparseStructure.from_dense_mask(_mask(40, 24, 0.1, 4))
+    layer.attach_mask(other)  # a new mask: W0 at the old positions, nothing merged yet
+    assert torch.equal(layer.base.weight, w0.float())
+
+
+def test_a_held_merge_is_written_once_per_change_of_s(monkeypatch):
+    """The point of holding the merge: forward and backward of several micro-batches with the
+    same ``S`` merge once (four merges or restores per micro-batch when each GEMM merged for
+    itself), and an update of ``S`` costs one more."""
+    from rosa_ds.kernels import cpu_native
+    from rosa_ds.kernels import sparse_linear as sl
+
+    layer = _held_layer(torch.float32, seed=1)
+    calls = []
+    native = cpu_native.kernels()
+    if native is not None:  # count the compiled kernel's writes into W
+
+        class Counting:
+            def __getattr__(self, name):
+                fn = getattr(native, name)
+                writes = name in ("merge_in_place", "write_merged", "restore")
+                return lambda *a: (writes and calls.append(name)) or fn(*a)
+
+        monkeypatch.setattr(cpu_native, "kernels", lambda: Counting())
+    else:  # count torch's writes into W
+        real = torch.Tensor.index_copy_
+        monkeypatch.setattr(
+            torch.Tensor, "index_copy_", lambda t, *a: calls.append("index_copy_") or real(t, *a)
+        )
+    x0 = torch.randn(4, 24)
+    for _ in range(3):
+        layer(x0.clone().requires_grad_()).sum().backward()
+    assert len(calls) == 1
+    with torch.no_grad():
+        layer.sparse_values.add_(1e-3)
+    layer(x0.clone().requires_grad_()).sum().backward()
+    assert len(calls) == 2
+    sl.release_merge(layer.base.weight)
+    assert len(calls) == 3 and not sl.holds_merge(layer.base.weight)
+
+
+def test_a_replaced_weight_storage_is_refused_not_written_into():
+    """``weight.data = ...`` while ``S`` is held merged would leave the saved ``W0`` pointing
+    at nothing: the next GEMM says so instead of writing into the new storage."""
+    layer = _held_layer(torch.float32)
+    layer(torch.randn(2, 24))
+    layer.base.weight.data = layer.base.weight.data.clone()
+    with pytest.raises(RuntimeError, match="storage was replaced"):
+        layer(torch.randn(2, 24))
+
+
+def test_a_weight_tied_to_another_module_is_never_held_merged():
+    """An output layer tied to the embeddings: holding ``S`` in the shared weight would change
+    the embeddings too, so such a layer merges into a copy instead."""
+    from rosa_ds.adapters.inject import inject_adapters
+    from rosa_ds.config import AdapterConfig
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(40, 24)
+            self.head = nn.Linear(24, 40, bias=False)
+            self.head.weight = self.embed.weight
+            self.proj = nn.Linear(24, 24)
+
+    model = Tied()
+    inject_adapters(model, AdapterConfig(rank=2, alpha=4.0, targets=["head", "proj"], exclude=[]))
+    assert model.head.shares_weight and not model.proj.shares_weight
+    model.head.attach_mask(SparseStructure.from_dense_mask(_mask(40, 24, 0.1, 3)))
+    assert model.head._merge_mode(torch.randn(2, 24)) != "in_place"
 
 
 @pytest.mark.parametrize("path", ["spmm", "add"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -31,12 +33,15 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     full = cfg.method_name == "full"
     names = find_targets(model, cfg)
     mark_trained_modules(model, cfg.train_modules, names)
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
         rank = 0 if full else cfg.rank
-        setattr(parent, child, AdaptedLinear(base, rank, cfg.alpha, cfg.dropout, train_base=full))
+        layer = AdaptedLinear(base, rank, cfg.alpha, cfg.dropout, train_base=full)
+        layer.shares_weight = uses[id(getattr(base, "weight", None))] > 1
+        setattr(parent, child, layer)
     return names
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from rosa_ds.kernels.csr import SparseStructure
 from rosa_ds.kernels.sparse_linear import (
     merges_in_place,
+    release_merge,
     sparse_add_linear,
     sparse_linear,
     use_sparse_add,
@@ -82,6 +83,11 @@ class AdaptedLinear(nn.Module):
         self.mask_nnz = 0
         self._shape = (self.out_features, self.in_features)
         self._positions: torch.Tensor | None = None  # the mask's flat indices, for in-place merges
+        self._structure_cache: SparseStructure | None = None  # of a mask this rank holds whole
+        self._structure_key: tuple | None = None
+        # Does another module read the same weight (an output layer tied to the embeddings)?
+        # Then S is never held merged in it (set by ``inject_adapters``).
+        self.shares_weight = False
 
     def reset_adapter(self) -> None:
         """LoRA's initialization: A Kaiming-uniform, B zero, so the update starts at zero."""
@@ -125,8 +131,11 @@ class AdaptedLinear(nn.Module):
         """Give the layer a fixed sparse mask with zero-valued trainable values."""
         if structure.shape != self._shape:
             raise ValueError(f"mask shape {structure.shape} does not match layer {self._shape}")
+        if self.frozen.dense_weight is not None:
+            release_merge(self.base.weight)  # W0 back at the old mask's positions
         flat, self._mask_lengths = structure.packed()
         self._positions = None
+        self._structure_cache = self._structure_key = None
         self.mask_index = nn.Parameter(flat, requires_grad=False)
         self.mask_nnz = structure.nnz
         self._max_row_nnz = structure.max_row_nnz
@@ -149,8 +158,16 @@ class AdaptedLinear(nn.Module):
 
     def _structure_now(self) -> SparseStructure:
         """The structure as it is when called: what the sparse autograd functions read in
-        forward and again in backward, so no index array is kept alive in between."""
-        return self.structure
+        forward and again in backward, so that under ZeRO-3 no index array is kept alive in
+        between. A mask this rank holds whole is built once and kept (it saves two structures,
+        each about ten tensor views, per matrix and micro-batch)."""
+        mask = self.mask_index
+        if is_partitioned(mask):
+            return self.structure
+        key = (mask.data_ptr(), mask.numel(), mask.device)
+        if self._structure_key != key:
+            self._structure_cache, self._structure_key = self.structure, key
+        return self._structure_cache
 
     def _flat_positions(self) -> torch.Tensor:
         """The mask's row-major flat indices on the weight's device, derived once per mask
@@ -160,15 +177,23 @@ class AdaptedLinear(nn.Module):
             self._positions = self.structure.flat_indices().to(device)
         return self._positions
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.bfloat16()`` and the like replace the weight's storage:
+        ``W0`` goes back in first, and the next forward merges ``S`` into the new one."""
+        if self.frozen.dense_weight is not None:
+            release_merge(self.base.weight)
+        return super()._apply(fn, recurse)
+
     # --- maths -----------------------------------------------------------------------------
     def _merge_mode(self, x: torch.Tensor) -> str | None:
-        """How S joins the frozen weight in this call: ``in_place`` (written into a weight this
-        rank holds whole for each GEMM, O(nnz)), ``copy`` (into a merged dense copy: a ZeRO-3
+        """How S joins the frozen weight in this call: ``in_place`` (held merged in a weight this
+        rank holds whole and no other module reads, O(nnz) per change of S), ``copy`` (into a merged dense copy: a ZeRO-3
         weight, gathered for the call) or None (a separate sparse product, or no sparse part)."""
         if not self.reads_frozen_in_forward:
             return None
         weight = self.base.weight
-        if merges_in_place() and not is_partitioned(weight) and weight.is_contiguous():
+        whole = not is_partitioned(weight) and weight.is_contiguous()
+        if merges_in_place() and whole and not self.shares_weight:
             return "in_place"
         tokens = x.numel() // self.in_features
         if use_sparse_add(self.mask_nnz, self.out_features * self.in_features, tokens):
@@ -178,6 +203,8 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self._merge_mode(x)
         base, values = self.base, self.sparse_values
+        if mode != "in_place" and self.reads_frozen_in_forward:
+            release_merge(base.weight)  # another path reads W itself: W0
         if mode is None:
             out = base(x)
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -134,26 +135,128 @@ def merged_in_place(weight: torch.Tensor, values: torch.Tensor, positions: torch
 PositionsSource = torch.Tensor | Callable[[], torch.Tensor]
 
 
-@contextlib.contextmanager
-def _merged(weight, values, source: StructureSource, positions: PositionsSource | None):
-    """``W + S`` for one GEMM: ``W`` itself with ``S`` written in (``positions`` given: the mask's
-    flat indices, or a function returning them), else a dense copy from ``sparse_add``."""
-    if positions is None:
-        yield _ops(weight.device).sparse_add(weight.detach(), values.detach(), _structure(source))
-        return
-    if not isinstance(positions, torch.Tensor):
-        positions = positions()
-    with merged_in_place(weight, values, positions):
-        yield weight.detach()
+class HeldMerge:
+    """``S`` kept written into a frozen ``W`` that this rank holds whole, from one GEMM to the
+    next: ``W[p] = W0[p] + S`` (summed in fp32, rounded once to ``W``'s dtype, the bits of
+    ``merged_in_place`` and ``sparse_add``), rewritten only when ``S`` has changed.
+
+    Why: writing ``S`` in for each GEMM and ``W0`` back after it costs four passes over the mask
+    per matrix and micro-batch (forward and input gradient); held, it costs one pass per
+    optimizer step, and a comparison of ``S`` with the copy it was merged from (sequential, so
+    a small fraction of a pass). Each rewrite starts from the saved ``W0``, so no error builds
+    up over steps. Everything that reads or writes the frozen weight itself (``FrozenWeight``,
+    export's merge, a new mask) calls ``release_merge`` first and finds ``W0``.
+    """
+
+    def __init__(self, weight: torch.Tensor, positions: torch.Tensor) -> None:
+        self._weight, self.positions = weakref.ref(weight), positions
+        self.storage = 0  # the weight's storage while merged
+        self.saved: torch.Tensor | None = None  # W0 at the mask, in W's dtype
+        self.values: torch.Tensor | None = None  # the S that W holds, in S's dtype
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return self._weight()
+
+    def _check_storage(self) -> None:
+        if self.weight.data_ptr() != self.storage:
+            raise RuntimeError(
+                "the frozen weight's storage was replaced while the sparse update was merged "
+                "into it; call rosa_ds.kernels.sparse_linear.release_merge(weight) before "
+                "replacing weight.data (module.to() does it itself)"
+            )
+
+    def hold(self, values: torch.Tensor) -> None:
+        if self.saved is None:  # not merged: the weight may have moved since, merge into it now
+            self.storage = self.weight.data_ptr()
+        else:
+            self._check_storage()
+        current = values.detach()
+        if self.values is not None and torch.equal(current, self.values):
+            return
+        flat = self.weight.data.view(-1)
+        merged = current.float().contiguous()
+        native = cpu_native.kernels() if flat.device.type == "cpu" else None
+        with torch.no_grad():
+            if self.saved is None:
+                if native is not None:
+                    self.saved = native.merge_in_place(flat, merged, self.positions)
+                else:
+                    self.saved = flat.index_select(0, self.positions)
+                    flat.index_copy_(
+                        0, self.positions, (self.saved.float() + merged).to(flat.dtype)
+                    )
+            elif native is not None:
+                native.write_merged(flat, self.saved, merged, self.positions)
+            else:
+                flat.index_copy_(0, self.positions, (self.saved.float() + merged).to(flat.dtype))
+        self.values = current.clone()
+
+    def release(self) -> None:
+        """``W0`` back at the mask."""
+        if self.saved is None:
+            return
+        self._check_storage()
+        flat = self.weight.data.view(-1)
+        native = cpu_native.kernels() if flat.device.type == "cpu" else None
+        with torch.no_grad():
+            if native is not None:
+                native.restore(flat, self.saved, self.positions)
+            else:
+                flat.index_copy_(0, self.positions, self.saved)
+        self.saved = self.values = None
+
+
+# One HeldMerge per frozen weight that has been merged into, by the weight's id (the tensors'
+# == is elementwise, so a WeakKeyDictionary cannot hold them); an entry goes when its weight does.
+_held: dict[int, HeldMerge] = {}
+
+
+def _held_for(weight: torch.Tensor) -> HeldMerge | None:
+    held = _held.get(id(weight))
+    return held if held is not None and held.weight is weight else None
+
+
+def hold_merged(
+    weight: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """``W`` holding ``W + S`` (see ``HeldMerge``), detached, for a GEMM; ``positions`` are the
+    mask's row-major flat indices (a new tensor for a new mask)."""
+    held = _held_for(weight)
+    if held is None:
+        held = _held[id(weight)] = HeldMerge(weight, positions)
+        weakref.finalize(weight, _held.pop, id(weight), None)
+    elif held.positions is not positions:
+        held.release()
+        held.positions = positions
+    held.hold(values)
+    return weight.detach()
+
+
+def release_merge(weight: torch.Tensor) -> None:
+    """Put ``W0`` back into ``weight`` if a sparse update is held merged in it (else nothing):
+    called before anything reads or writes the frozen weight itself."""
+    held = _held_for(weight)
+    if held is not None:
+        held.release()
+
+
+def holds_merge(weight: torch.Tensor) -> bool:
+    held = _held_for(weight)
+    return held is not None and held.saved is not None
+
+
+def _positions_now(positions: PositionsSource) -> torch.Tensor:
+    return positions if isinstance(positions, torch.Tensor) else positions()
 
 
 class SparseAddLinearFunction(torch.autograd.Function):
     """``x (W + S)^T + b`` with ``W`` frozen: one dense GEMM per direction on ``W + S``.
 
-    The merge is redone for the input gradient rather than kept: in place (``positions``; only
-    for a ``W`` this rank holds whole) ``W`` holds its own values whenever no GEMM runs; as a
-    copy (ZeRO-3, where the weight is gathered again for backward) no second dense weight stays
-    alive between forward and backward.
+    In place (``positions``; only for a ``W`` this rank holds whole) ``S`` stays merged into
+    ``W`` between GEMMs (``hold_merged``) and is rewritten when it changes. As a copy (ZeRO-3,
+    where the weight is gathered again for backward) the merge is redone for the input
+    gradient, so that no second dense weight stays alive between forward and backward.
     """
 
     @staticmethod
@@ -161,8 +264,9 @@ class SparseAddLinearFunction(torch.autograd.Function):
         ctx.source, ctx.positions, ctx.weight = source, positions, weight
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x2d, values)
-        with _merged(weight, values, source, positions) as merged:
-            return torch.nn.functional.linear(x2d, merged, bias)
+        return torch.nn.functional.linear(
+            x2d, _merged_weight(weight, values, source, positions), bias
+        )
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -170,13 +274,20 @@ class SparseAddLinearFunction(torch.autograd.Function):
         s = _structure(ctx.source)
         dx = dbias = dv = None
         if ctx.needs_input_grad[0]:
-            with _merged(ctx.weight, values, s, ctx.positions) as merged:
-                dx = dy @ merged
+            dx = dy @ _merged_weight(ctx.weight, values, s, ctx.positions)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy.sum(0)
         if ctx.needs_input_grad[3]:
             dv = _ops(dy.device).sddmm(dy, x2d, s).to(values.dtype)
         return dx, None, dbias, dv, None, None
+
+
+def _merged_weight(weight, values, source: StructureSource, positions: PositionsSource | None):
+    """``W + S`` for one GEMM: ``W`` itself holding ``S`` (``positions`` given: the mask's flat
+    indices, or a function returning them), else a dense copy from ``sparse_add``."""
+    if positions is None:
+        return _ops(weight.device).sparse_add(weight.detach(), values.detach(), _structure(source))
+    return hold_merged(weight, values, _positions_now(positions))
 
 
 def merges_in_place() -> bool:

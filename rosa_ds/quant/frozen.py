@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rosa_ds.errors import UserError
+from rosa_ds.kernels.sparse_linear import release_merge
 from rosa_ds.quant.nf4 import QuantSpec, dequantize
 from rosa_ds.zero_params import read_full, write_from_owner
 
@@ -87,16 +88,22 @@ class DenseFrozen(FrozenWeight):
     def dense_weight(self) -> nn.Parameter:
         return self.weight
 
+    # Each read or write first takes back a sparse update held merged in the weight
+    # (``sparse_linear.HeldMerge``): they see and replace ``W0`` itself.
     def read_full(self, keep: bool) -> torch.Tensor | None:
+        release_merge(self.weight)
         return read_full(self.weight, master=False, keep=keep)
 
     def write_full(self, value: torch.Tensor | None, owner: int) -> None:
+        release_merge(self.weight)
         write_from_owner(self.weight, value, owner)
 
     def read_stored(self, keep: bool) -> torch.Tensor | None:
+        release_merge(self.weight)
         return read_full(self.weight, master=False, keep=keep, dtype=None)
 
     def write_stored(self, value: torch.Tensor | None, owner: int) -> None:
+        release_merge(self.weight)
         write_from_owner(self.weight, value, owner)
 
     def stored_spec(self) -> None:

@@ -99,7 +99,7 @@ def main() -> None:
                 )
     weights = {}
     for name, m in modules:
-        weights[f"{name}.w"] = read_full(m.base.weight, master=False, keep=True)
+        weights[f"{name}.w"] = m.frozen.read_full(keep=True)  # W0, not W0 + S held merged
         weights[f"{name}.a"] = read_full(m.lora_A, master=True, keep=True)
         weights[f"{name}.b"] = read_full(m.lora_B, master=True, keep=True)
         weights[f"{name}.a_model"] = read_full(m.lora_A, master=False, keep=True)

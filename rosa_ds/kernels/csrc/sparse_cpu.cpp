@@ -260,6 +260,35 @@ torch::Tensor merge_in_place(torch::Tensor& weight, const torch::Tensor& values,
   return saved;
 }
 
+// W[p[k]] = saved[k] + S[k], summed in fp32 and rounded once to W's dtype: S merged again from
+// the saved W0 after S changed (the bits merge_in_place gives), in one pass over the mask.
+void write_merged(torch::Tensor& weight, const torch::Tensor& saved, const torch::Tensor& values,
+                  const torch::Tensor& positions) {
+  TORCH_CHECK(weight.is_contiguous() && saved.scalar_type() == weight.scalar_type(),
+              "write_merged: weight must be contiguous and saved of its dtype");
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(),
+              "write_merged: values must be contiguous float32");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(),
+              "write_merged: positions must be contiguous int64");
+  TORCH_CHECK(values.numel() == positions.numel() && saved.numel() == positions.numel(),
+              "write_merged: one value and one saved value per position");
+  check_positions(positions, weight.numel(), "write_merged");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* v = values.data_ptr<float>();
+  const int64_t n = positions.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "write_merged",
+                                  [&] {
+    scalar_t* w = weight.data_ptr<scalar_t>();
+    const scalar_t* w0 = saved.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        if (k + kPrefetch < end) __builtin_prefetch(w + pos[k + kPrefetch], 1);
+        w[pos[k]] = static_cast<scalar_t>(static_cast<float>(w0[k]) + v[k]);
+      }
+    });
+  });
+}
+
 // W[p[k]] = saved[k]: W0 back after the GEMM.
 void restore(torch::Tensor& weight, const torch::Tensor& saved, const torch::Tensor& positions) {
   TORCH_CHECK(weight.is_contiguous() && saved.scalar_type() == weight.scalar_type(),
@@ -284,5 +313,6 @@ void restore(torch::Tensor& weight, const torch::Tensor& saved, const torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sddmm", &sddmm, "SDDMM of token-major operands at a CSR mask (fp32 or bf16 in, fp32 out)");
   m.def("merge_in_place", &merge_in_place, "W[p] += S in place, returning the old W[p]");
+  m.def("write_merged", &write_merged, "W[p] = saved + S, S merged again from the saved W0");
   m.def("restore", &restore, "W[p] = saved");
 }
