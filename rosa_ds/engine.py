@@ -32,7 +32,7 @@ from rosa_ds.dist import Placement, init_distributed
 from rosa_ds.ds_config import build_ds_config, zero_stage
 from rosa_ds.kernels import cpu_native
 from rosa_ds.kernels.csr import SparseStructure
-from rosa_ds.kernels.sparse_linear import prepare, set_backend, set_path
+from rosa_ds.kernels.sparse_linear import forget_merge, prepare, set_backend, set_path
 from rosa_ds.model import load_model
 from rosa_ds.schedule import build_scheduler, warmup_steps
 
@@ -87,6 +87,7 @@ class Built:
             for p in model.parameters():
                 if hasattr(p, "ds_tensor"):
                     p.ds_tensor = None
+                forget_merge(p)  # a held merge's W0 and S go with the storage
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
                 p.grad = None
             for holder in (engine.optimizer, getattr(engine.optimizer, "optimizer", None)):

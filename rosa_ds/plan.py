@@ -495,8 +495,10 @@ def _state(inp: PlanInputs, rank: int, density: float) -> dict[str, float]:
         for name in inp.targets:
             csr += 4 * _shard(_csr_entries(*shapes[name], density), n, z, thr)
             if _merges_in_place(inp):  # + the layer's cached int64 flat positions of the
-                # mask, and the held merge's W0 at the mask and copy of the S it holds
-                csr += (8 + 2 * a) * round(density * math.prod(shapes[name]))
+                # mask, and the held merge's W0 at the mask (and on the CPU the copy of S it
+                # compares against)
+                held = 2 * a if inp.device == "cpu" else a
+                csr += (8 + held) * round(density * math.prod(shapes[name]))
     trainable += m.layers * csr
     part = math.ceil(p_train / nz)
     # optimizer state
@@ -592,14 +594,14 @@ def plan(inp: PlanInputs) -> Breakdown:
     mats = [shapes[t] for t in inp.targets]
     max_mn = max(o * i for o, i in mats)
     sparse_tmp = 0.0
-    if sparse:  # one module's backward: the merge (held in place: S widened to fp32 when it
-        # changed; under ZeRO-3 a merged dense copy), copies of dY and X for the SDDMM (fp32 on
+    if sparse:  # one module's backward: the merge (held in place: S widened to fp32, and on a
+        # GPU W0 + S formed in fp32 and cast; under ZeRO-3 a merged dense copy), copies of dY and X for the SDDMM (fp32 on
         # the CPU path; tokens-contiguous ones in the activation dtype for the Triton kernel)
         t = inp.tokens
         cpu = inp.device == "cpu"
         in_place = _merges_in_place(inp)
         sparse_tmp = max(
-            (4 * round(inp.density * o * i) if in_place else a * o * i)
+            ((4 if cpu else 12 + a) * round(inp.density * o * i) if in_place else a * o * i)
             + (4 * t * (o + i) + 16 * round(inp.density * o * i) if cpu else a * t * (o + i))
             for o, i in mats
         )

@@ -272,6 +272,21 @@ def test_a_replaced_weight_storage_is_refused_not_written_into():
         layer(torch.randn(2, 24))
 
 
+def test_a_forgotten_merge_lets_the_storage_go():
+    """``Built.release`` empties a finished engine's weights: a held merge is dropped first, so
+    neither its saved ``W0`` outlives the storage nor a later reader trips on the new one."""
+    from rosa_ds.kernels import sparse_linear as sl
+
+    layer = _held_layer(torch.float32)
+    layer(torch.randn(2, 24))
+    weight = layer.base.weight
+    assert sl.holds_merge(weight)
+    sl.forget_merge(weight)
+    weight.data = torch.empty(0)
+    assert not sl.holds_merge(weight)
+    sl.release_merge(weight)  # nothing held: nothing written, no error
+
+
 def test_a_weight_tied_to_another_module_is_never_held_merged():
     """An output layer tied to the embeddings: holding ``S`` in the shared weight would change
     the embeddings too, so such a layer merges into a copy instead."""

@@ -172,7 +172,12 @@ class HeldMerge:
         else:
             self._check_storage()
         current = values.detach()
-        if self.values is not None and torch.equal(current, self.values):
+        # On the CPU a comparison with the merged copy (sequential) is cheaper than a rewrite
+        # (scattered). On a GPU the comparison's answer would stop the host until the device
+        # caught up, at every GEMM: there the merge is rewritten from W0 each time instead,
+        # one scatter with no restore and no copy of S kept.
+        on_cpu = current.device.type == "cpu"
+        if on_cpu and self.values is not None and torch.equal(current, self.values):
             return
         flat = self.weight.data.view(-1)
         merged = current.float().contiguous()
@@ -190,7 +195,7 @@ class HeldMerge:
                 native.write_merged(flat, self.saved, merged, self.positions)
             else:
                 flat.index_copy_(0, self.positions, (self.saved.float() + merged).to(flat.dtype))
-        self.values = current.clone()
+        self.values = current.clone() if on_cpu else None
 
     def release(self) -> None:
         """``W0`` back at the mask."""
@@ -241,6 +246,14 @@ def release_merge(weight: torch.Tensor) -> None:
         held.release()
 
 
+def forget_merge(weight: torch.Tensor) -> None:
+    """Drop a held merge without writing ``W0`` back: for a weight whose storage is about to be
+    freed (``Built.release``), so that its saved ``W0`` and copy of ``S`` go with it."""
+    held = _held_for(weight)
+    if held is not None:
+        held.saved = held.values = None
+
+
 def holds_merge(weight: torch.Tensor) -> bool:
     held = _held_for(weight)
     return held is not None and held.saved is not None
@@ -286,6 +299,7 @@ def _merged_weight(weight, values, source: StructureSource, positions: Positions
     """``W + S`` for one GEMM: ``W`` itself holding ``S`` (``positions`` given: the mask's flat
     indices, or a function returning them), else a dense copy from ``sparse_add``."""
     if positions is None:
+        release_merge(weight)  # the copy starts from W0, whatever ran before
         return _ops(weight.device).sparse_add(weight.detach(), values.detach(), _structure(source))
     return hold_merged(weight, values, _positions_now(positions))
 
