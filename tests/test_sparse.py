@@ -272,6 +272,41 @@ def test_a_replaced_weight_storage_is_refused_not_written_into():
         layer(torch.randn(2, 24))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_held_merge_trains_like_the_copying_merge(dtype):
+    """Six optimizer steps with two micro-batches each: the layer whose merge is held (written
+    again once per step) follows the copying merge (ZeRO-3's path, a fresh ``W + S`` each
+    GEMM) bit for bit, losses and values; a held merge that missed an update would not."""
+    import copy
+
+    from rosa_ds.kernels import sparse_linear as sl
+
+    held = _held_layer(dtype, seed=2)
+    copying = copy.deepcopy(held)
+    _as_if_partitioned(copying)
+    x = torch.randn(2, 6, 24, dtype=dtype)
+    runs = {}
+    sl.set_path("add")  # the copy even where the cost model would pick the sparse product
+    try:
+        for name, layer in (("held", held), ("copy", copying)):
+            opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+            losses = []
+            for _ in range(6):
+                for micro in x:
+                    loss = layer(micro).float().pow(2).mean()
+                    loss.backward()
+                    losses.append(loss.item())
+                opt.step()
+                opt.zero_grad()
+            runs[name] = (losses, layer.sparse_values.detach().clone())
+        modes = held._merge_mode(x[0]), copying._merge_mode(x[0])
+    finally:
+        sl.set_path("auto")
+    assert modes == ("in_place", "copy")
+    assert runs["held"][0] == runs["copy"][0]
+    assert torch.equal(runs["held"][1], runs["copy"][1])
+
+
 def test_a_forgotten_merge_lets_the_storage_go():
     """``Built.release`` empties a finished engine's weights: a held merge is dropped first, so
     neither its saved ``W0`` outlives the storage nor a later reader trips on the new one."""
