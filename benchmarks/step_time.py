@@ -16,7 +16,11 @@ torch's ``sampled_addmm``, and the in-place merges of ``S`` into ``W``)
 on the same shapes, so the last lines say where the extra time goes; on the CPU the same kernels
 are also timed inside the measured RoSA steps (``sddmm_in_step_ms``, ``merges_in_step_ms``: slower
 than alone, their operands no longer in cache), and each step's CPU time on rank 0
-(``cpu_ratio``: the ratio without waits for the other rank).
+(``cpu_ratio``: the ratio without waits for the other rank). ``paired_ratio`` is the median of
+the per-iteration ratios (both engines step back to back in each iteration, so a slow drift of
+the machine cancels); ``ratio`` is the ratio of the medians. ``--control`` times LoRA against a
+second, identical LoRA engine (an A/A run): how far its ratio lands from 1 is what one run can
+resolve on this machine.
 """
 
 from __future__ import annotations
@@ -296,9 +300,12 @@ def vs_lora(args) -> None:
         masks = random_masks(lora.model, density, seed=0)
     else:
         masks = gradient_masks(path, rosa_cfg, tok, args)
-    rosa = build_engine(
-        rosa_cfg, path, tok, hidden, training=True, options=EngineOptions(masks=masks)
-    )
+    if args.control:  # A/A: the "rosa" side is a second engine of LoRA's own config
+        rosa = build_engine(lora_cfg, path, tok, hidden, training=True)
+    else:
+        rosa = build_engine(
+            rosa_cfg, path, tok, hidden, training=True, options=EngineOptions(masks=masks)
+        )
     engines = {"rosa": rosa.engine, "lora": lora.engine}
     count = {
         k: sum(p.numel() for p in e.module.parameters() if p.requires_grad)
@@ -335,10 +342,15 @@ def vs_lora(args) -> None:
     if dist.get_rank() != 0:
         return
     med = {k: statistics.median(v) for k, v in times.items()}
+    # each iteration steps both engines back to back: the median of the per-iteration ratios
+    # cancels slow drifts of the machine's speed that the ratio of medians keeps
+    paired = statistics.median(r / b for r, b in zip(times["rosa"], times["lora"], strict=True))
     print(
         f"model={args.model} ranks={args.nproc} zero=2 batch={args.batch}x{args.seq} "
         f"dtype={args.dtype} steps={args.steps} threads={torch.get_num_threads()}"
     )
+    if args.control:
+        print("A/A control: the 'rosa' engine below is a second LoRA engine, not RoSA")
     print(
         f"lora r={args.rank}: {count['lora']} trainable; rosa r={rosa_rank} + density "
         f"{density:.4%}: {count['rosa']} trainable (ratio {count['rosa'] / count['lora']:.4f})"
@@ -387,7 +399,7 @@ def vs_lora(args) -> None:
         f"rosa_ms={med['rosa'] * 1000:.1f} lora_ms={med['lora'] * 1000:.1f} "
         f"density={density:.5f} sddmm_ms={parts['sddmm']:.1f} "
         f"sampled_addmm_ms={parts['sampled_addmm']:.1f} merges_ms={parts['merges']:.1f} "
-        f"{in_step}ratio={med['rosa'] / med['lora']:.3f}"
+        f"{in_step}paired_ratio={paired:.3f} ratio={med['rosa'] / med['lora']:.3f}"
     )
 
 
@@ -412,9 +424,17 @@ def main() -> None:
     ap.add_argument(
         "--masks", choices=["gradient", "random"], default="gradient", help="for --vs lora"
     )
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="for --vs lora: time LoRA against a second, identical LoRA engine in RoSA's place "
+        "(an A/A run: its ratio's distance from 1 is this machine's noise)",
+    )
     args = ap.parse_args()
     if args.rosa_rank is not None and not 0 <= args.rosa_rank < args.rank:
         ap.error(f"--rosa-rank must be in [0, --rank={args.rank}), got {args.rosa_rank}")
+    if args.control and args.vs != "lora":
+        ap.error("--control is an A/A run of --vs lora; add --vs lora")
     if args.vs == "lora":
         vs_lora(args)
         return

@@ -20,3 +20,14 @@ def test_a_rosa_rank_outside_the_budget_is_a_one_line_usage_error(rosa_rank):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("step_time.py: error: --rosa-rank must")
     assert "Traceback" not in r.stderr
+
+
+def test_an_a_a_control_without_vs_lora_is_a_one_line_usage_error():
+    cmd = [sys.executable, str(REPO / "benchmarks" / "step_time.py"), "--control"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--control is an A/A run of --vs lora; add --vs lora")
+    )
