@@ -159,7 +159,8 @@ def sparse_parts_ms(masks: dict, tokens: int, repeats: int = 5) -> dict[str, flo
     step, the merge being held between GEMMs), for comparison the SDDMM through torch's
     ``sampled_addmm`` (the path without the compiled kernel), and for scale the two frozen GEMMs
     (forward, input gradient) both methods run."""
-    from rosa_ds.kernels import cpu_native, torch_sparse
+    from rosa_ds.kernels import torch_sparse
+    from rosa_ds.kernels.sparse_linear import write_merged
 
     def median_ms(fn, *args) -> float:
         fn(*args)
@@ -170,13 +171,6 @@ def sparse_parts_ms(masks: dict, tokens: int, repeats: int = 5) -> dict[str, flo
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1000
 
-    def merge_again(w, saved, values, positions) -> None:
-        native = cpu_native.kernels()
-        if native is not None:
-            native.write_merged(w.view(-1), saved, values, positions)
-        else:
-            w.view(-1).index_copy_(0, positions, saved + values)
-
     total = {"sddmm": 0.0, "sampled_addmm": 0.0, "merges": 0.0, "frozen_gemms": 0.0}
     for s in masks.values():
         out_f, in_f = s.shape
@@ -186,7 +180,7 @@ def sparse_parts_ms(masks: dict, tokens: int, repeats: int = 5) -> dict[str, flo
         saved = w.view(-1)[positions].clone()
         total["sddmm"] += median_ms(torch_sparse.sddmm, dy, x, s)
         total["sampled_addmm"] += median_ms(torch_sparse.sampled_sddmm, dy, x, s)
-        total["merges"] += median_ms(merge_again, w, saved, values, positions)
+        total["merges"] += median_ms(write_merged, w.view(-1), saved, values, positions)
         total["frozen_gemms"] += 2 * median_ms(torch.mm, x, w.T)
     return total
 

@@ -595,8 +595,9 @@ def plan(inp: PlanInputs) -> Breakdown:
     max_mn = max(o * i for o, i in mats)
     sparse_tmp = 0.0
     if sparse:  # one module's backward: the merge (held in place: S widened to fp32, and on a
-        # GPU W0 + S formed in fp32 and cast; under ZeRO-3 a merged dense copy), copies of dY and X for the SDDMM (fp32 on
-        # the CPU path; tokens-contiguous ones in the activation dtype for the Triton kernel)
+        # GPU W0 + S formed in fp32 and cast; under ZeRO-3 a merged dense copy), copies of dY
+        # and X for the SDDMM (fp32 on the CPU path; tokens-contiguous ones in the activation
+        # dtype for the Triton kernel)
         t = inp.tokens
         cpu = inp.device == "cpu"
         in_place = _merges_in_place(inp)

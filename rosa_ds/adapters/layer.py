@@ -187,8 +187,9 @@ class AdaptedLinear(nn.Module):
     # --- maths -----------------------------------------------------------------------------
     def _merge_mode(self, x: torch.Tensor) -> str | None:
         """How S joins the frozen weight in this call: ``in_place`` (held merged in a weight this
-        rank holds whole and no other module reads, O(nnz) per change of S), ``copy`` (into a merged dense copy: a ZeRO-3
-        weight, gathered for the call) or None (a separate sparse product, or no sparse part)."""
+        rank holds whole and no other module reads, O(nnz) per change of S), ``copy`` (into a
+        merged dense copy: a ZeRO-3 weight, gathered for the call) or None (a separate sparse
+        product, or no sparse part)."""
         if not self.reads_frozen_in_forward:
             return None
         weight = self.base.weight

@@ -107,31 +107,6 @@ class SparseLinearFunction(torch.autograd.Function):
         return dx, dv, None
 
 
-@contextlib.contextmanager
-def merged_in_place(weight: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
-    """``W`` holds ``W + S`` inside the block and its own values again after it, however the
-    block ends: ``S`` is written over ``W`` at the mask's row-major ``positions`` (O(nnz),
-    where a merged copy is O(numel)). The sum is formed in fp32 and rounded once to ``W``'s
-    dtype, as ``sparse_add`` does, so both merges give the same bits."""
-    flat = weight.data.view(-1)
-    native = cpu_native.kernels() if flat.device.type == "cpu" else None
-    with torch.no_grad():
-        if native is not None:  # the same bits in one pass over the mask
-            saved = native.merge_in_place(flat, values.detach().float().contiguous(), positions)
-        else:
-            saved = flat.index_select(0, positions)
-            merged = saved.float() + values.detach().float()
-            flat.index_copy_(0, positions, merged.to(flat.dtype))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            if native is not None:
-                native.restore(flat, saved, positions)
-            else:
-                flat.index_copy_(0, positions, saved)
-
-
 PositionsSource = torch.Tensor | Callable[[], torch.Tensor]
 
 
@@ -183,18 +158,12 @@ class HeldMerge:
         merged = current.float().contiguous()
         native = cpu_native.kernels() if flat.device.type == "cpu" else None
         with torch.no_grad():
-            if self.saved is None:
-                if native is not None:
-                    self.saved = native.merge_in_place(flat, merged, self.positions)
-                else:
-                    self.saved = flat.index_select(0, self.positions)
-                    flat.index_copy_(
-                        0, self.positions, (self.saved.float() + merged).to(flat.dtype)
-                    )
-            elif native is not None:
-                native.write_merged(flat, self.saved, merged, self.positions)
+            if self.saved is None and native is not None:  # save W0 and merge in one pass
+                self.saved = native.merge_in_place(flat, merged, self.positions)
             else:
-                flat.index_copy_(0, self.positions, (self.saved.float() + merged).to(flat.dtype))
+                if self.saved is None:
+                    self.saved = flat.index_select(0, self.positions)
+                write_merged(flat, self.saved, merged, self.positions)
         self.values = current.clone() if on_cpu else None
 
     def release(self) -> None:
@@ -210,6 +179,32 @@ class HeldMerge:
             else:
                 flat.index_copy_(0, self.positions, self.saved)
         self.saved = self.values = None
+
+
+def write_merged(
+    flat: torch.Tensor, saved: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+) -> None:
+    """``W[p] = W0[p] + S`` from the saved ``W0`` (``flat``: ``W`` viewed flat; ``values``:
+    ``S`` in fp32), summed in fp32 and rounded once to ``W``'s dtype: the compiled kernel on
+    the CPU where it is built, else torch's ``index_copy_`` (the same bits)."""
+    native = cpu_native.kernels() if flat.device.type == "cpu" else None
+    if native is not None:
+        native.write_merged(flat, saved, values, positions)
+    else:
+        flat.index_copy_(0, positions, (saved.float() + values).to(flat.dtype))
+
+
+@contextlib.contextmanager
+def merged_in_place(weight: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
+    """``W`` holds ``W + S`` inside the block and its own values again after it, however the
+    block ends: a ``HeldMerge`` for one block (``S`` written over ``W`` at the mask's row-major
+    ``positions``, O(nnz) where a merged copy is O(numel); the same bits as ``sparse_add``)."""
+    held = HeldMerge(weight, positions)
+    held.hold(values)
+    try:
+        yield
+    finally:
+        held.release()
 
 
 # One HeldMerge per frozen weight that has been merged into, by the weight's id (the tensors'
