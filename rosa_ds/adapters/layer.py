@@ -26,10 +26,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rosa_ds.kernels.csr import SparseStructure
+from rosa_ds.kernels.low_rank import low_rank_add
 from rosa_ds.kernels.sparse_linear import (
     merges_in_place,
     release_merge,
@@ -215,8 +215,7 @@ class AdaptedLinear(nn.Module):
             )
         if self.rank:
             h = self.dropout(x).to(self.lora_A.dtype)
-            update = F.linear(F.linear(h, self.lora_A), self.lora_B)
-            out = out + (self.scale * update).to(out.dtype)
+            out = low_rank_add(out, h, self.lora_A, self.lora_B, self.scale)
         if self.sparse_values is not None and mode is None:
             out = out + sparse_linear(x, self.sparse_values, self._structure_now).to(out.dtype)
         return out
