@@ -71,3 +71,22 @@ def test_inputs_that_need_no_gradient_get_none():
     low_rank_add(y, h, a, b, 1.0).sum().backward()
     assert y.grad is None and h.grad is None
     assert a.grad is not None and b.grad is not None
+
+
+def test_autocast_gives_the_old_compositions_dtypes_and_gradients():
+    """Under bf16 autocast (DeepSpeed's ``torch_autocast`` turns it on around forward) backward
+    runs as forward did: the output keeps ``y``'s dtype and every gradient matches autograd of
+    the composition it replaces, in the inputs' dtypes."""
+    ours = _inputs(32, 24, 40, 4, dtype=torch.float32)
+    ref = [t.detach().clone().requires_grad_() for t in ours]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = low_rank_add(*ours, 2.0)
+        expected = ref[0] + (2.0 * F.linear(F.linear(ref[1], ref[2]), ref[3])).to(ref[0].dtype)
+    assert out.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-1)
+    dy = torch.randn(32, 40)
+    out.backward(dy)
+    expected.backward(dy)
+    for got, want in zip(ours, ref, strict=True):
+        assert got.grad.dtype == want.grad.dtype == torch.float32
+        torch.testing.assert_close(got.grad, want.grad, rtol=2e-2, atol=5e-1)

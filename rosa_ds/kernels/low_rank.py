@@ -23,11 +23,14 @@ class LowRankAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, h, lora_a, lora_b, scale: float):
+        device = h.device.type
+        # Under autocast, backward runs as forward did (what torch.amp.custom_bwd does, for
+        # any device): its products then meet the dtypes forward saved.
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ha_t = lora_a @ h.t()  # (r, T): h Aᵀ, computed wide
         ctx.save_for_backward(h, lora_a, lora_b, ha_t)
         ctx.scale = scale
-        ctx.y_dtype = y.dtype
-        if y.dtype == h.dtype:
+        if y.dtype == h.dtype == lora_a.dtype and not ctx.autocast[1]:
             return torch.addmm(y, ha_t.t(), lora_b.t(), alpha=scale)
         update = torch.mm(ha_t.t(), lora_b.t()).mul_(scale)
         return y + update.to(y.dtype)
@@ -35,16 +38,28 @@ class LowRankAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         h, lora_a, lora_b, ha_t = ctx.saved_tensors
-        scale = ctx.scale
-        dy = g if ctx.needs_input_grad[0] else None
-        g = g.to(h.dtype)
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return (
+                g if ctx.needs_input_grad[0] else None,
+                *_factor_grads(ctx, g, h, lora_a, lora_b, ha_t),
+            )
+
+
+def _factor_grads(ctx, g, h, lora_a, lora_b, ha_t):
+    """The gradients of h, A and B (None where not needed), every product wide."""
+    scale, need = ctx.scale, ctx.needs_input_grad
+    g = g.to(h.dtype)
+    dh = da = db = None
+    if need[1] or need[2]:
         # d(h Aᵀ) = s · g B, as (Bᵀ gᵀ)ᵀ: an (r, T) output, not (T, r)
         d_ha_t = (lora_b.t() @ g.t()).mul_(scale)
-        dh = d_ha_t.t() @ lora_a if ctx.needs_input_grad[1] else None
-        da = d_ha_t @ h if ctx.needs_input_grad[2] else None
+        dh = d_ha_t.t() @ lora_a if need[1] else None
+        da = d_ha_t @ h if need[2] else None
+    if need[3]:
         # dB = s · gᵀ (h Aᵀ), as ((h Aᵀ)ᵀ g)ᵀ: an (r, out) output, not (out, r)
-        db = (ha_t @ g).mul_(scale).t().contiguous() if ctx.needs_input_grad[3] else None
-        return dy, dh, da, db, None
+        db = (ha_t @ g).mul_(scale).t().contiguous()
+    return dh, da, db, None
 
 
 def low_rank_add(
