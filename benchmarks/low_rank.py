@@ -46,6 +46,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    for name in ("tokens", "reps", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if min(args.ranks) < 1:
+        ap.error(f"--ranks must all be at least 1, got {min(args.ranks)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     total = {"autograd": 0.0, "low_rank_add": 0.0}
